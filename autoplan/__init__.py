@@ -1,0 +1,21 @@
+"""autoplan: an automatic parallelization planner for PyTorch training.
+
+    import autoplan
+    plan = autoplan.plan("gpt2", cluster="dgx-h100", devices=8, global_batch=512, seq_len=1024)
+    plan.predicted.step_time_s, plan.mesh
+"""
+__version__ = "0.1.0"
+
+from autoplan.errors import AutoplanError  # noqa: E402
+from autoplan.plan import Plan, Prediction  # noqa: E402
+
+
+def plan(*args, **kwargs):  # noqa: D103 - documented in autoplan.api.plan
+    from autoplan.api import plan as _plan
+
+    return _plan(*args, **kwargs)
+
+
+plan.__doc__ = "Plan the training of a model on a cluster (see autoplan.api.plan)."
+
+__all__ = ["AutoplanError", "Plan", "Prediction", "plan", "__version__"]

@@ -1,0 +1,118 @@
+"""Python API: ``autoplan.plan(model, example_inputs, cluster=..., devices=...)``."""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from autoplan.capture import capture, clone_to_meta
+from autoplan.errors import AutoplanError
+from autoplan.graph import build_graph
+from autoplan.hardware import Cluster, load_cluster
+from autoplan.mesh import parse_mesh
+from autoplan.models import ModelSpec, resolve_model
+from autoplan.plan import Plan
+from autoplan.planner import Job, make_plan
+from autoplan.repeats import Tying, find_repeats
+from autoplan.search import SearchOptions
+
+
+def resolve_devices(cluster: Cluster, nodes: int | None, devices: int | None) -> int:
+    if (nodes is None) == (devices is None):
+        raise AutoplanError("give exactly one of nodes or devices (e.g. --nodes 2 or --devices 16)")
+    total = nodes * cluster.devices_per_node if nodes is not None else devices
+    if total is None or total < 1:
+        raise AutoplanError(f"the device count must be at least 1, got {total}")
+    return total
+
+
+def _resized(t: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.empty((batch, *t.shape[1:]), dtype=t.dtype, device="meta")
+
+
+def _inputs_fn_for(model: nn.Module, example_inputs: Sequence[torch.Tensor], targets: torch.Tensor | None):
+    """batch -> meta (inputs..., targets); targets follow the logits' shape when not given."""
+    if targets is None:
+        with torch.device("meta"):
+            out = model(*[_resized(t, 2) for t in example_inputs])
+        if not isinstance(out, torch.Tensor):
+            raise AutoplanError(f"the model returns {type(out).__name__}, not a tensor of logits: return logits (or pass return_dict=False)")
+        target_shape = out.shape[1:-1] if out.dim() >= 3 else ()
+    else:
+        target_shape = tuple(targets.shape[1:])
+
+    def inputs_fn(batch: int):
+        tgt = torch.empty((batch, *target_shape), dtype=torch.long, device="meta")
+        return (*[_resized(t, batch) for t in example_inputs], tgt)
+
+    return inputs_fn
+
+
+def plan(
+    model: nn.Module | str,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    *,
+    cluster: str | Cluster,
+    nodes: int | None = None,
+    devices: int | None = None,
+    global_batch: int | None = None,
+    seq_len: int | None = None,
+    mesh: str | dict[str, int] | None = None,
+    targets: torch.Tensor | None = None,
+    dtype: str = "bf16",
+    micro_batches: Sequence[int] | None = None,
+    recompute: bool | None = None,
+    memory_bytes: float | None = None,
+    solver: str = "auto",
+    baselines: bool = True,
+    capture_method: str = "auto",
+    name: str | None = None,
+) -> Plan:
+    """Plan the training of ``model`` on ``cluster``; see the README for every option.
+
+    ``model`` is an ``nn.Module`` (built on the meta device to plan without weights) with its
+    ``example_inputs`` (any batch size; dim 0 is the batch), or a zoo spec such as ``"gpt2"``.
+    """
+    clus = cluster if isinstance(cluster, Cluster) else load_cluster(cluster)
+    n_devices = resolve_devices(clus, nodes, devices)
+    if isinstance(model, str):
+        spec: ModelSpec = resolve_model(model)
+        seq = seq_len or _default_seq(spec)
+        batch = global_batch or 8
+        with torch.device("meta"):
+            module = spec.build()
+            inputs_fn = lambda b: (*spec.example_inputs(b, seq), spec.example_targets(b, seq))  # noqa: E731
+            cap = capture(module, inputs_fn, method=capture_method)
+        label = name or spec.name
+        tokens = seq if spec.kind == "lm" else None
+    else:
+        if example_inputs is None:
+            raise AutoplanError("pass example_inputs with the model (a tensor or tuple of tensors; dim 0 is the batch)")
+        ex = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        batch = global_batch or int(ex[0].shape[0])
+        meta_model = clone_to_meta(model)
+        cap = capture(meta_model, _inputs_fn_for(meta_model, ex, targets), method=capture_method)
+        label = name or type(model).__name__
+        is_lm = not ex[0].dtype.is_floating_point and ex[0].dim() == 2
+        tokens = int(ex[0].shape[1]) if is_lm else None
+    graph = build_graph(cap)
+    tying = find_repeats(graph)
+    parsed_mesh = parse_mesh(mesh, n_devices) if mesh is not None else None
+    options = SearchOptions(
+        dtype=dtype,
+        micro_batches=tuple(micro_batches) if micro_batches else None,
+        recompute=(False, True) if recompute is None else (bool(recompute),),
+        solver=solver,
+        memory_bytes=memory_bytes,
+    )
+    if dtype not in ("bf16", "fp16", "fp32"):
+        raise AutoplanError(f"unknown dtype {dtype!r}: use bf16, fp16 or fp32")
+    job = Job(label, graph, tying, clus, n_devices, batch, tokens)
+    return make_plan(job, mesh=parsed_mesh, options=options, with_baselines=baselines)
+
+
+def _default_seq(spec: ModelSpec) -> int:
+    cfg: Any = spec.config
+    return int(getattr(cfg, "seq", 1024) or 1024) if spec.kind == "lm" else 1

@@ -1,0 +1,178 @@
+"""Capture: trace a model (with its loss) into an fx graph and propagate shapes on meta/fake tensors.
+
+``torch.fx`` symbolic tracing is tried first (it keeps shapes generic); ``torch.export``
+(non-strict) is the fallback for models that symbolic tracing cannot follow. Shapes are
+propagated twice, at two batch sizes, so that every tensor dim that scales with the batch is
+known: the planner then prices any micro-batch size without tracing again.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+from autoplan.errors import CaptureError
+
+PROBE_BATCHES = (2, 3)  # two batch sizes whose ratio reveals batch-proportional dims
+
+
+@dataclass(frozen=True)
+class Captured:
+    """A traced training graph: the model's forward plus its loss, with shapes at two batches."""
+
+    graph_module: fx.GraphModule
+    method: str  # "symbolic_trace" or "export"
+    param_names: dict[str, str]  # fx node name -> qualified parameter/buffer name
+    trainable: frozenset[str]  # qualified names of parameters that get gradients
+    metas: tuple[dict[str, object], ...]  # per probe batch: node name -> tensor meta (shape, dtype) or None
+
+
+def loss_from_output(output: torch.Tensor, targets: torch.Tensor, flatten: bool) -> torch.Tensor:
+    """Mean cross-entropy of logits against targets; ``flatten`` (B, T, V) language-model logits."""
+    if flatten:
+        return F.cross_entropy(output.reshape(-1, output.size(-1)), targets.reshape(-1))
+    return F.cross_entropy(output, targets)
+
+
+class WithLoss(nn.Module):
+    """model(inputs) -> logits, then the loss (fixed arity so fx can trace it).
+
+    ``flatten`` is decided from the targets' rank before tracing: (B, T) targets mean (B, T, V)
+    logits, so no Python branch depends on a traced value.
+    """
+
+    def __init__(self, model: nn.Module, flatten: bool):
+        super().__init__()
+        self.model = model
+        self.flatten = flatten
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return loss_from_output(self.model(inputs), targets, self.flatten)
+
+
+class WithLossMany(WithLoss):
+    """model(*inputs) -> logits, then the loss (several inputs: traced by torch.export)."""
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        *inputs, targets = args
+        return loss_from_output(self.model(*inputs), targets, self.flatten)
+
+
+class _FlatTracer(fx.Tracer):
+    """Trace through every module so parameters appear as get_attr nodes beside their ops."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return False
+
+
+InputsFn = Callable[[int], tuple[torch.Tensor, ...]]  # batch -> inputs + targets (meta or fake)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _tensor_meta(value: object) -> object:
+    if isinstance(value, torch.Tensor):
+        return (tuple(int(s) for s in value.shape), value.dtype)
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return tuple((tuple(int(s) for s in v.shape), v.dtype) for v in value)
+    return None
+
+
+def _propagate(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> dict[str, object]:
+    has_real = any(p.device.type != "meta" for p in list(gm.parameters()) + list(gm.buffers()))
+    if has_real:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        fake_inputs = tuple(mode.from_tensor(t) for t in inputs)
+        ShapeProp(gm, fake_mode=mode).propagate(*fake_inputs)
+    else:
+        ShapeProp(gm).propagate(*inputs)
+    out: dict[str, object] = {}
+    for node in gm.graph.nodes:
+        tm = node.meta.get("tensor_meta")
+        if tm is None:
+            out[node.name] = None
+        elif hasattr(tm, "shape"):  # TensorMetadata (itself a NamedTuple: test it first)
+            out[node.name] = (tuple(int(s) for s in tm.shape), tm.dtype)
+        elif isinstance(tm, (tuple, list)):
+            out[node.name] = tuple((tuple(int(s) for s in t.shape), t.dtype) for t in tm if hasattr(t, "shape")) or None
+        else:
+            out[node.name] = None
+    return out
+
+
+def _trace_symbolic(wrapped: nn.Module, inputs_fn: InputsFn) -> Captured:
+    graph = _FlatTracer().trace(wrapped)
+    gm = fx.GraphModule(wrapped, graph)
+    names = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            names[node.name] = str(node.target).removeprefix("model.")
+    metas = tuple(_propagate(gm, inputs_fn(b)) for b in PROBE_BATCHES)
+    trainable = frozenset(n.removeprefix("model.") for n, p in wrapped.named_parameters() if p.requires_grad)
+    return Captured(gm, "symbolic_trace", names, trainable, metas)
+
+
+def _trace_export(wrapped: nn.Module, inputs_fn: InputsFn) -> Captured:
+    exported = []
+    for b in PROBE_BATCHES:
+        ep = torch.export.export(wrapped, inputs_fn(b), strict=False)
+        exported.append(ep)
+    first = exported[0]
+    names = {}
+    for spec in first.graph_signature.input_specs:
+        if spec.target is not None and hasattr(spec.arg, "name"):
+            names[spec.arg.name] = str(spec.target).removeprefix("model.")
+    metas = []
+    for ep in exported:
+        nodes = list(ep.graph_module.graph.nodes)
+        if [n.name for n in nodes] != [n.name for n in first.graph_module.graph.nodes]:
+            raise CaptureError("torch.export gave different graphs at two batch sizes: the model branches on the batch size")
+        metas.append({n.name: _tensor_meta(n.meta.get("val")) for n in nodes})
+    trainable = frozenset(n.removeprefix("model.") for n, p in wrapped.named_parameters() if p.requires_grad)
+    return Captured(first.graph_module, "export", names, trainable, tuple(metas))
+
+
+def capture(model: nn.Module, inputs_fn: InputsFn, *, method: str = "auto") -> Captured:
+    """Trace ``model`` with its loss. ``inputs_fn(batch)`` returns ``(*inputs, targets)``.
+
+    ``method``: "symbolic_trace", "export", or "auto" (symbolic first, export on failure).
+    Raises CaptureError with one line naming the cause when neither works.
+    """
+    probe = inputs_fn(PROBE_BATCHES[0])
+    flatten = probe[-1].dim() >= 2
+    wrapped = WithLoss(model, flatten) if len(probe) == 2 else WithLossMany(model, flatten)
+    errors = []
+    order = {"auto": ("symbolic_trace", "export"), "symbolic_trace": ("symbolic_trace",), "export": ("export",)}
+    if method not in order:
+        raise CaptureError(f"unknown capture method {method!r}: use auto, symbolic_trace or export")
+    for how in order[method]:
+        try:
+            if how == "symbolic_trace":
+                return _trace_symbolic(wrapped, inputs_fn)
+            return _trace_export(wrapped, inputs_fn)
+        except CaptureError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any tracer failure becomes one line
+            errors.append(f"{how}: {_one_line(exc)}")
+    raise CaptureError(
+        "could not capture the model (" + "; ".join(errors) + "): remove data-dependent Python control flow "
+        "from forward(), or pass use_cache=False / return_dict=False to library models"
+    )
+
+
+def clone_to_meta(model: nn.Module) -> nn.Module:
+    """A weightless copy of ``model`` for planning (parameters on the meta device)."""
+    if all(p.device.type == "meta" for p in model.parameters()):
+        return model
+    return copy.deepcopy(model).to("meta")

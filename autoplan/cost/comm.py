@@ -1,0 +1,89 @@
+"""Communication: alpha-beta cost of collectives, and the collectives a resharding needs.
+
+Bandwidth terms follow the ring algorithms NCCL and gloo use: an all-reduce moves
+2(n-1)/n of the buffer through each device, an all-gather or reduce-scatter (n-1)/n, an
+all-to-all (n-1)/n. The latency term counts ring steps, capped by a tree's 2*ceil(log2 n)
+(collective libraries switch to trees when latency dominates).
+
+Legal transitions on one mesh axis (as in DTensor's ``_redistribute.py``):
+
+    S(d) -> R      all_gather            P -> R     all_reduce
+    P -> S(d)      reduce_scatter        S(d) -> S(e)  all_to_all
+    R -> S(d)      local chunk (free)    R|S -> P   local (free: zero-pad / keep one copy)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+from autoplan.hardware import Link
+from autoplan.strategies.placement import Partial, Placement, Placements, Replicate, Shard
+
+
+@dataclass(frozen=True)
+class Collective:
+    kind: str  # all_reduce | all_gather | reduce_scatter | all_to_all
+    axis: int  # mesh axis
+    nbytes: float  # bytes per device: the buffer reduced, the gathered output, the scattered input
+
+
+def latency_steps(kind: str, n: int) -> int:
+    ring = 2 * (n - 1) if kind == "all_reduce" else n - 1
+    tree = 2 * math.ceil(math.log2(n)) if n > 1 else 0
+    return min(ring, max(tree, 1))
+
+
+def collective_seconds(kind: str, nbytes: float, n: int, link: Link) -> float:
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    factor = 2.0 * (n - 1) / n if kind == "all_reduce" else (n - 1) / n
+    return factor * nbytes / link.effective_bytes_per_s + latency_steps(kind, n) * link.latency_s
+
+
+def _local_bytes(shape: tuple[int, ...], elem_bytes: int, placements: Placements, mesh_shape: tuple[int, ...]) -> float:
+    numel = math.prod(shape)
+    for p, size in zip(placements, mesh_shape):
+        if isinstance(p, Shard):
+            numel /= size
+    return numel * elem_bytes
+
+
+def _axis_collective(src: Placement, dst: Placement) -> str | None:
+    if src == dst:
+        return None
+    if isinstance(dst, Partial):
+        return None  # local
+    if isinstance(src, Replicate):
+        return None  # chunk
+    if isinstance(src, Partial):
+        return "all_reduce" if isinstance(dst, Replicate) else "reduce_scatter"
+    return "all_gather" if isinstance(dst, Replicate) else "all_to_all"
+
+
+@lru_cache(maxsize=1 << 18)
+def transition(
+    shape: tuple[int, ...], elem_bytes: int, src: Placements, dst: Placements, mesh_shape: tuple[int, ...]
+) -> tuple[Collective, ...]:
+    """Collectives that turn a tensor placed ``src`` into ``dst``, one mesh axis at a time."""
+    out = []
+    state = list(src)
+    for axis, (a, b) in enumerate(zip(src, dst)):
+        kind = _axis_collective(a, b)
+        before = _local_bytes(shape, elem_bytes, tuple(state), mesh_shape)
+        state[axis] = b
+        if kind is None:
+            continue
+        after = _local_bytes(shape, elem_bytes, tuple(state), mesh_shape)
+        nbytes = after if kind == "all_gather" else before
+        out.append(Collective(kind, axis, nbytes))
+    return tuple(out)
+
+
+def seconds(colls: tuple[Collective, ...], mesh_shape: tuple[int, ...], links: tuple[Link, ...]) -> float:
+    return sum(collective_seconds(c.kind, c.nbytes, mesh_shape[c.axis], links[c.axis]) for c in colls)
+
+
+def dual(placements: Placements) -> Placements:
+    """Placement a tensor's gradient must have to match the tensor: partial values have replicated gradients."""
+    return tuple(Replicate() if isinstance(p, Partial) else p for p in placements)

@@ -1,0 +1,330 @@
+"""Graph IR: one node per tensor-producing op, with canonical kind, shapes, FLOPs and module path.
+
+The fx graph from ``capture`` is normalised here: every torch/aten spelling of an op maps to
+one *kind* ("linear", "sdpa", ...), non-tensor nodes (sizes, shapes) are dropped, multi-output
+ops become one node per output, and parameters become nodes of their own. Shapes are stored per
+unit of batch so any micro-batch size can be priced. Repeated layers (the N identical blocks of
+a transformer) are found so the solver can price one block and reuse it.
+
+To support a new op: add its spellings to ``KINDS`` (and a FLOP formula to ``_FLOPS`` if it
+computes), then its sharding rules in ``autoplan/strategies/rules.py``.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from autoplan.capture import PROBE_BATCHES, Captured
+from autoplan.errors import CaptureError
+
+aten = torch.ops.aten
+
+# kind -> spellings (functions, aten overloads/packets, method names)
+KINDS: dict[str, tuple[Any, ...]] = {
+    "linear": (F.linear, aten.linear),
+    "matmul": (torch.matmul, operator.matmul, torch.bmm, torch.mm, aten.matmul, aten.mm, aten.bmm, "matmul", "bmm", "mm"),
+    "embedding": (F.embedding, aten.embedding),
+    "layer_norm": (F.layer_norm, aten.layer_norm),
+    "rms_norm": (F.rms_norm, aten.rms_norm),
+    "softmax": (F.softmax, torch.softmax, aten.softmax, aten._softmax, "softmax"),
+    "sdpa": (F.scaled_dot_product_attention, aten.scaled_dot_product_attention),
+    "dropout": (F.dropout, aten.dropout, torch.dropout),
+    "cross_entropy": (F.cross_entropy, aten.cross_entropy_loss),
+    "conv2d": (F.conv2d, aten.conv2d, torch.conv2d),
+    "cat": (torch.cat, torch.concat, aten.cat),
+    "view": (
+        "view", "reshape", "flatten", "unflatten", "contiguous", "unsqueeze", "squeeze", "view_as", "reshape_as",
+        torch.reshape, torch.flatten, torch.unsqueeze, torch.squeeze,
+        aten.view, aten.reshape, aten._unsafe_view, aten.contiguous, aten.unsqueeze, aten.squeeze, aten.flatten, aten.clone,
+        "clone", torch.clone, "detach", aten.detach, aten.alias,
+    ),
+    "transpose": ("transpose", "permute", "t", "mT", torch.transpose, torch.permute, torch.t, aten.transpose, aten.permute, aten.t),
+    "expand": ("expand", "expand_as", aten.expand, "repeat_interleave", torch.repeat_interleave),
+    "reduce": ("sum", "mean", torch.sum, torch.mean, aten.sum, aten.mean),
+    "pool": (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, aten.max_pool2d, aten.avg_pool2d, aten.adaptive_avg_pool2d),
+    "elementwise": (
+        operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow, operator.iadd, operator.imul,
+        torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.rsqrt, torch.sqrt, torch.exp, torch.tanh,
+        torch.sigmoid, torch.sin, torch.cos, torch.where, torch.relu,
+        F.gelu, F.silu, F.relu, F.tanh, F.sigmoid, F.softplus, F.leaky_relu, F.relu6,
+        "add", "sub", "mul", "div", "neg", "pow", "rsqrt", "sqrt", "exp", "tanh", "sigmoid", "relu", "float", "half",
+        "bfloat16", "to", "type_as", "type", "masked_fill", "sin", "cos", "__add__", "__mul__", "__radd__", "__rmul__",
+        aten.add, aten.sub, aten.mul, aten.div, aten.neg, aten.pow, aten.rsqrt, aten.sqrt, aten.exp, aten.tanh,
+        aten.sigmoid, aten.gelu, aten.silu, aten.relu, aten._to_copy, aten.to, aten.where, aten.masked_fill, aten.sin,
+        aten.cos, aten.type_as,
+    ),
+    "constant": (torch.arange, torch.zeros, torch.ones, torch.full, torch.empty, aten.arange, aten.zeros, aten.ones, aten.full),
+}
+SPLIT_SPELLINGS = ("split", "chunk", "unbind", torch.split, torch.chunk, torch.unbind, aten.split, aten.chunk, aten.unbind, aten.split_with_sizes)
+ALIAS_KINDS = frozenset({"view", "transpose", "expand", "split", "slice", "param", "buffer", "input", "constant"})
+COMPUTE_KINDS = frozenset({"linear", "matmul", "conv2d", "sdpa"})
+
+
+def _spelling_table() -> dict[Any, str]:
+    table: dict[Any, str] = {}
+    for kind, spellings in KINDS.items():
+        for s in spellings:
+            table[s] = kind
+    return table
+
+
+_TABLE = _spelling_table()
+
+
+def _key(target: Any) -> Any:
+    """aten overloads (aten.add.Tensor) are looked up by their packet (aten.add)."""
+    packet = getattr(target, "overloadpacket", None)
+    return packet if packet is not None else target
+
+
+def _lookup(target: Any, table: dict[Any, str]) -> str | None:
+    try:
+        return table.get(_key(target))
+    except TypeError:  # unhashable target
+        return None
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """Shape of a tensor per unit of batch: dims in ``batch_dims`` have size base[d] * batch."""
+
+    base: tuple[int, ...]
+    batch_dims: frozenset[int]
+    dtype: torch.dtype
+
+    def shape(self, batch: int) -> tuple[int, ...]:
+        return tuple(s * batch if d in self.batch_dims else s for d, s in enumerate(self.base))
+
+    def numel(self, batch: int) -> int:
+        return math.prod(self.shape(batch))
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+@dataclass
+class OpNode:
+    name: str  # fx node name
+    kind: str  # canonical kind (see KINDS), or "param", "buffer", "input", "split", "slice", "unknown"
+    target: str  # printable op name, for reports and the list of ops with no rule
+    inputs: tuple[str, ...]  # producers of the tensor inputs, in argument order
+    out: Tensor
+    attrs: dict[str, Any] = field(default_factory=dict)
+    module: str = ""  # owning module path, e.g. "blocks.3.attn.qkv"
+    param: str | None = None  # qualified name for kind "param"/"buffer"
+    trainable: bool = False
+
+
+@dataclass
+class OpGraph:
+    nodes: dict[str, OpNode]  # topological order
+    dag: nx.DiGraph  # producer -> consumer edges (key "index": input position)
+    loss: str  # the node whose output is the scalar loss
+    method: str  # capture method
+    fingerprint: str  # sha256 of parameter names/shapes and op kinds
+
+    def producers(self, name: str) -> tuple[OpNode, ...]:
+        return tuple(self.nodes[i] for i in self.nodes[name].inputs)
+
+    def params(self) -> list[OpNode]:
+        return [n for n in self.nodes.values() if n.kind == "param"]
+
+    def unsupported(self) -> list[str]:
+        return sorted({n.target for n in self.nodes.values() if n.kind == "unknown"})
+
+    def num_params(self) -> int:
+        return sum(n.out.numel(1) for n in self.params())
+
+
+# ----------------------------------------------------------------------------------------------
+# conversion from fx
+
+
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return t
+    return getattr(t, "__name__", None) or str(t)
+
+
+def _classify(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return _TABLE.get(node.target, "unknown")
+    kind = _lookup(node.target, _TABLE)
+    return kind or "unknown"
+
+
+def _tensor_from_metas(metas: list[Any], name: str) -> Tensor:
+    (s2, dtype), (s3, _) = metas[0], metas[1]
+    b2, b3 = PROBE_BATCHES
+    if len(s2) != len(s3):
+        raise CaptureError(f"op {name} changes rank with the batch size: the model branches on the batch")
+    base, batch_dims = [], set()
+    for d, (x, y) in enumerate(zip(s2, s3)):
+        if x == y:
+            base.append(x)
+        elif x * b3 == y * b2 and x % b2 == 0:
+            base.append(x // b2)
+            batch_dims.add(d)
+        else:
+            raise CaptureError(f"op {name} has dim {d} of size {x} at batch {b2} and {y} at batch {b3}: not proportional to the batch")
+    return Tensor(tuple(base), frozenset(batch_dims), dtype)
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1]
+    path = path[0] if isinstance(path, tuple) else str(path)
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    return path.removeprefix("model.").removeprefix("model")
+
+
+def _flatten_args(args: Iterable[Any]) -> list[Any]:
+    out: list[Any] = []
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            out.extend(_flatten_args(a))
+        elif isinstance(a, dict):
+            out.extend(_flatten_args(a.values()))
+        else:
+            out.append(a)
+    return out
+
+
+def _const_args(node: fx.Node) -> dict[str, Any]:
+    """Constant (non-Node) positional and keyword args, for rules that need a dim or an index."""
+    pos = {f"arg{i}": a for i, a in enumerate(node.args) if not isinstance(a, fx.Node)}
+    kw = {k: v for k, v in node.kwargs.items() if not isinstance(v, fx.Node)}
+    return {**pos, **kw}
+
+
+def build_graph(cap: Captured) -> OpGraph:
+    """Normalise a captured fx graph into the planner's IR."""
+    gm = cap.graph_module
+    metas2, metas3 = cap.metas
+    nodes: dict[str, OpNode] = {}
+    split_of: dict[str, tuple[str, Any]] = {}  # fx split node -> (its input, meta tuple)
+    loss = ""
+    for node in gm.graph.nodes:
+        m2, m3 = metas2.get(node.name), metas3.get(node.name)
+        if node.op == "output":
+            src = _flatten_args([node.args])
+            tensors = [a.name for a in src if isinstance(a, fx.Node) and a.name in nodes]
+            loss = tensors[0] if tensors else ""
+            continue
+        if node.op == "call_function" and node.target is operator.getitem and node.args[0].name in split_of:
+            parent, idx = node.args[0].name, node.args[1]
+            src_name, parts = split_of[parent]
+            shapes = [p[0] for p in parts]
+            in_shape = metas2[src_name][0]
+            dim = next((d for d in range(len(in_shape)) if shapes[idx][d] != in_shape[d]), 0)
+            start = sum(s[dim] for s in shapes[:idx])
+            kind_attrs = {"dim": dim, "start2": start, "index": idx}
+            out = _tensor_from_metas([metas2[parent][idx], metas3[parent][idx]], node.name)
+            nodes[node.name] = OpNode(node.name, "split", "split", (src_name,), out, kind_attrs, _module_path(node))
+            continue
+        is_split = node.op in ("call_method", "call_function") and (
+            (node.op == "call_method" and node.target in SPLIT_SPELLINGS) or _lookup(node.target, {s: "split" for s in SPLIT_SPELLINGS if not isinstance(s, str)})
+        )
+        if is_split and isinstance(m2, tuple) and m2 and isinstance(m2[0], tuple) and isinstance(m2[0][0], tuple):
+            src = next(a for a in _flatten_args([node.args]) if isinstance(a, fx.Node))
+            split_of[node.name] = (src.name, m2)
+            continue
+        if m2 is None or m3 is None or not (isinstance(m2, tuple) and len(m2) == 2 and isinstance(m2[1], torch.dtype)):
+            continue  # not a single tensor (sizes, tuples of ints, ...)
+        out = _tensor_from_metas([m2, m3], node.name)
+        inputs = tuple(a.name for a in _flatten_args([node.args, node.kwargs]) if isinstance(a, fx.Node) and a.name in nodes)
+        module = _module_path(node)
+        if node.op == "placeholder" or node.op == "get_attr":
+            qual = cap.param_names.get(node.name)
+            if qual is None:
+                nodes[node.name] = OpNode(node.name, "input", "input", (), out, {}, "")
+            else:
+                trainable = qual in cap.trainable
+                kind = "param" if trainable else "buffer"
+                owner = qual.rsplit(".", 1)[0] if "." in qual else ""
+                nodes[node.name] = OpNode(node.name, kind, kind, (), out, {}, owner, qual, trainable)
+            continue
+        if node.op == "call_module":
+            kind, target = "unknown", type(gm.get_submodule(node.target)).__name__
+        else:
+            kind, target = _classify(node), _target_name(node)
+        if node.op == "call_function" and node.target is operator.getitem:
+            kind = "slice"
+        attrs = _const_args(node)
+        nodes[node.name] = OpNode(node.name, kind, target, inputs, out, attrs, module)
+    if not loss:
+        raise CaptureError("the traced graph has no tensor output: the model must return logits or a loss")
+    _merge_duplicate_params(nodes)
+    dag = nx.DiGraph()
+    for n in nodes.values():
+        dag.add_node(n.name)
+        for i, src in enumerate(n.inputs):
+            dag.add_edge(src, n.name, index=i)
+    fingerprint = _fingerprint(nodes)
+    return OpGraph(nodes, dag, loss, cap.method, fingerprint)
+
+
+def _merge_duplicate_params(nodes: dict[str, OpNode]) -> None:
+    """Tied weights traced as several get_attr nodes become one parameter node."""
+    first: dict[str, str] = {}
+    alias: dict[str, str] = {}
+    for n in list(nodes.values()):
+        if n.kind in ("param", "buffer") and n.param is not None:
+            if n.param in first:
+                alias[n.name] = first[n.param]
+                del nodes[n.name]
+            else:
+                first[n.param] = n.name
+    if alias:
+        for n in nodes.values():
+            n.inputs = tuple(alias.get(i, i) for i in n.inputs)
+
+
+def _fingerprint(nodes: dict[str, OpNode]) -> str:
+    h = hashlib.sha256()
+    for n in nodes.values():
+        if n.kind in ("param", "buffer"):
+            h.update(f"{n.param}:{n.out.base}:{n.out.dtype};".encode())
+        else:
+            h.update(f"{n.kind}:{len(n.inputs)};".encode())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs and bytes of one forward pass
+
+
+def forward_flops(graph: OpGraph, node: OpNode, batch: int) -> float:
+    """FLOPs of the op's forward at ``batch`` (global, unsharded); backward is priced as 2x."""
+    out = node.out.numel(batch)
+    ins = [graph.nodes[i].out for i in node.inputs]
+    if node.kind == "linear":
+        return 2.0 * out * ins[0].shape(batch)[-1]
+    if node.kind == "matmul":
+        return 2.0 * out * ins[0].shape(batch)[-1]
+    if node.kind == "conv2d":
+        w = ins[1].shape(batch)
+        groups = int(node.attrs.get("groups", node.attrs.get("arg6", 1)) or 1)
+        return 2.0 * out * (w[1] if groups else w[1]) * w[2] * w[3]
+    if node.kind == "sdpa":
+        q, k = ins[0].shape(batch), ins[1].shape(batch)
+        b, h, t, d = q[0], q[-3] if len(q) >= 3 else 1, q[-2], q[-1]
+        return 4.0 * math.prod(q[:-2]) * t * k[-2] * d  # QK^T and AV (no causal discount, as Megatron counts)
+    if node.kind in ("layer_norm", "rms_norm", "softmax", "cross_entropy"):
+        return 5.0 * ins[0].numel(batch) if ins else float(out)
+    if node.kind in ("elementwise", "dropout", "reduce", "pool"):
+        return float(max(out, ins[0].numel(batch) if ins else 0))
+    return 0.0

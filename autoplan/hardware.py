@@ -1,0 +1,161 @@
+"""Hardware profiles: what a device computes and holds, and how fast its links move bytes.
+
+A profile is a YAML file in ``profiles/`` (or any path). Every number is written as
+``{value: ..., source: ...}`` so that the file says where it came from (a datasheet, a paper,
+or ``measured`` by ``autoplan profile``); units are in the field names (``_bytes``,
+``_bytes_per_s``, ``_flops_per_s``, ``_s``). To add a machine, copy a profile and edit it;
+no code changes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autoplan.errors import UnknownClusterError
+
+SCHEMA = "autoplan-profile/1"
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+
+
+@dataclass(frozen=True)
+class Link:
+    """One kind of link a collective can cross, priced by the alpha-beta model."""
+
+    bandwidth_bytes_per_s: float  # per device, one direction
+    latency_s: float  # alpha: fixed cost of one collective step
+    efficiency: float  # fraction of bandwidth_bytes_per_s a collective achieves
+
+    @property
+    def effective_bytes_per_s(self) -> float:
+        return self.bandwidth_bytes_per_s * self.efficiency
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory_bytes: float  # capacity of one device
+    usable_memory_fraction: float  # what training may use (context, comm buffers, fragmentation)
+    peak_flops_per_s: dict[str, float]  # dtype name -> dense peak
+    memory_bandwidth_bytes_per_s: float
+    matmul_efficiency: float  # fraction of peak a large matmul reaches
+    memory_efficiency: float  # fraction of memory bandwidth a streaming kernel reaches
+
+    @property
+    def usable_memory_bytes(self) -> float:
+        return self.memory_bytes * self.usable_memory_fraction
+
+    def flops_per_s(self, dtype: str) -> float:
+        if dtype not in self.peak_flops_per_s:
+            known = ", ".join(sorted(self.peak_flops_per_s))
+            raise UnknownClusterError(f"device {self.name} has no peak for dtype {dtype}: use one of {known}")
+        return self.peak_flops_per_s[dtype]
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str
+    description: str
+    device: Device
+    devices_per_node: int
+    intra_node: Link
+    inter_node: Link
+    sources: dict[str, str] = field(default_factory=dict, compare=False)  # field path -> source
+
+    def link_for_axis(self, axis_size: int, inner_devices: int) -> Link:
+        """The slowest link a mesh axis crosses.
+
+        ``inner_devices`` is the product of the sizes of the mesh axes inside this one (axes are
+        laid out row-major, the last axis fastest-varying, as ``init_device_mesh`` does). An axis
+        whose members all sit in one node uses the intra-node link; otherwise the inter-node one.
+        """
+        if axis_size * inner_devices <= self.devices_per_node:
+            return self.intra_node
+        return self.inter_node
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "device": self.device.name,
+            "devices_per_node": self.devices_per_node,
+            "memory_bytes": self.device.memory_bytes,
+            "peak_flops_per_s": dict(self.device.peak_flops_per_s),
+            "intra_node_bytes_per_s": self.intra_node.bandwidth_bytes_per_s,
+            "inter_node_bytes_per_s": self.inter_node.bandwidth_bytes_per_s,
+        }
+
+
+def _num(tree: dict[str, Any], path: str, sources: dict[str, str], where: str) -> float:
+    node: Any = tree
+    for key in path.split("."):
+        if not isinstance(node, dict) or key not in node:
+            raise UnknownClusterError(f"profile {where} lacks {path}: add it as {{value: ..., source: ...}}")
+        node = node[key]
+    if isinstance(node, dict):
+        if "value" not in node or "source" not in node:
+            raise UnknownClusterError(f"profile {where}: {path} needs both value and source")
+        sources[path] = str(node["source"])
+        node = node["value"]
+    try:
+        return float(node)
+    except (TypeError, ValueError):
+        raise UnknownClusterError(f"profile {where}: {path} is {node!r}, not a number") from None
+
+
+def _link(tree: dict[str, Any], key: str, sources: dict[str, str], where: str) -> Link:
+    return Link(
+        bandwidth_bytes_per_s=_num(tree, f"links.{key}.bandwidth_bytes_per_s", sources, where),
+        latency_s=_num(tree, f"links.{key}.latency_s", sources, where),
+        efficiency=_num(tree, f"links.{key}.efficiency", sources, where),
+    )
+
+
+def cluster_from_dict(tree: dict[str, Any], where: str = "<dict>") -> Cluster:
+    if tree.get("schema") != SCHEMA:
+        raise UnknownClusterError(f"profile {where} has schema {tree.get('schema')!r}: expected {SCHEMA}")
+    sources: dict[str, str] = {}
+    dev = tree.get("device", {})
+    peaks = dev.get("peak_flops_per_s", {})
+    if not peaks:
+        raise UnknownClusterError(f"profile {where} lacks device.peak_flops_per_s: add bf16/fp32 peaks")
+    device = Device(
+        name=str(dev.get("name", "device")),
+        memory_bytes=_num(tree, "device.memory_bytes", sources, where),
+        usable_memory_fraction=_num(tree, "device.usable_memory_fraction", sources, where),
+        peak_flops_per_s={k: _num(tree, f"device.peak_flops_per_s.{k}", sources, where) for k in peaks},
+        memory_bandwidth_bytes_per_s=_num(tree, "device.memory_bandwidth_bytes_per_s", sources, where),
+        matmul_efficiency=_num(tree, "device.matmul_efficiency", sources, where),
+        memory_efficiency=_num(tree, "device.memory_efficiency", sources, where),
+    )
+    return Cluster(
+        name=str(tree.get("name", where)),
+        description=str(tree.get("description", "")),
+        device=device,
+        devices_per_node=int(_num(tree, "devices_per_node", sources, where)),
+        intra_node=_link(tree, "intra_node", sources, where),
+        inter_node=_link(tree, "inter_node", sources, where),
+        sources=sources,
+    )
+
+
+def list_clusters(profiles_dir: Path = PROFILES_DIR) -> list[str]:
+    return sorted(p.stem for p in profiles_dir.glob("*.yaml"))
+
+
+def load_cluster(name_or_path: str | Path, profiles_dir: Path = PROFILES_DIR) -> Cluster:
+    """A shipped profile by name (``dgx-h100``) or a YAML file by path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = profiles_dir / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(list_clusters(profiles_dir))
+        raise UnknownClusterError(f"unknown cluster {str(name_or_path)!r}: use one of {known}, or a path to a profile .yaml")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UnknownClusterError(f"profile {path} is not valid YAML ({exc.__class__.__name__}): fix the file") from None
+    if not isinstance(tree, dict):
+        raise UnknownClusterError(f"profile {path} is not a mapping: see profiles/dgx-h100.yaml for the format")
+    return cluster_from_dict(tree, str(path))

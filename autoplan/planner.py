@@ -1,0 +1,192 @@
+"""Planner: capture -> graph -> search -> predictions -> Plan. The one entry point is ``make_plan``."""
+from __future__ import annotations
+
+import datetime as _dt
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from autoplan import __version__
+from autoplan.baselines import baselines
+from autoplan.cost.comm import Collective
+from autoplan.cost.model import BACKWARD_FACTOR, edge_collectives
+from autoplan.errors import InfeasibleError
+from autoplan.graph import OpGraph, forward_flops
+from autoplan.hardware import Cluster
+from autoplan.mesh import Mesh
+from autoplan.plan import SCHEMA, Plan, Prediction
+from autoplan.repeats import Tying
+from autoplan.search import Evaluated, SearchOptions, memory_budget, search
+from autoplan.strategies.placement import format_placements
+
+
+@dataclass(frozen=True)
+class Job:
+    """What is being planned: a captured model on a cluster at a batch."""
+
+    model_name: str
+    graph: OpGraph
+    tying: Tying
+    cluster: Cluster
+    devices: int
+    global_batch: int
+    seq_len: int | None  # tokens per sample, for tokens/s (None for non-LMs)
+
+
+def model_flops_per_step(graph: OpGraph, global_batch: int) -> float:
+    """Forward + backward FLOPs of one step, no recompute (the MFU convention, PaLM appendix B)."""
+    fwd = sum(forward_flops(graph, n, global_batch) for n in graph.nodes.values())
+    return (1 + BACKWARD_FACTOR) * fwd
+
+
+def predict(job: Job, ev: Evaluated, budget: float) -> Prediction:
+    pr, choice = ev.priced, ev.solution.choice
+    compute = sum(float(c[s]) for c, s in zip(pr.compute_s, choice))
+    optimizer = sum(float(o[s]) for o, s in zip(pr.optimizer_s, choice))
+    comm = sum(float(act[choice[u], choice[v]] + sync[choice[u], choice[v]]) for u, v, _, act, sync in pr.edge_info)
+    params = sum(float(b[s]) for b, s in zip(pr.param_bytes, choice))
+    acts = sum(float(b[s]) for b, s in zip(pr.activation_bytes, choice))
+    step = ev.solution.cost
+    peak = job.cluster.device.flops_per_s(ev.cfg.dtype)
+    mfu = model_flops_per_step(job.graph, job.global_batch) / (step * job.devices * peak) if step > 0 else 0.0
+    tokens = job.global_batch * job.seq_len / step if job.seq_len and step > 0 else None
+    return Prediction(
+        step_time_s=step,
+        compute_s=compute,
+        comm_s=comm,
+        optimizer_s=optimizer,
+        peak_memory_bytes=ev.solution.mem,
+        param_memory_bytes=params,
+        activation_memory_bytes=acts,
+        mfu=mfu,
+        fits=ev.solution.mem <= budget,
+        tokens_per_s=tokens,
+        mesh=ev.mesh.as_dict(),
+        micro_batches=ev.cfg.micro_batches,
+        recompute="full" if ev.cfg.recompute else "none",
+    )
+
+
+def _chosen(job: Job, ev: Evaluated) -> dict[str, Any]:
+    """Strategy of every graph node (tied copies share their representative's)."""
+    pr = ev.priced
+    by_rep = {n: pr.strategies[i][s] for i, (n, s) in enumerate(zip(pr.nodes, ev.solution.choice))}
+    return {n: by_rep[job.tying.rep[n]] for n in job.graph.nodes}
+
+
+def _ops_and_collectives(job: Job, ev: Evaluated) -> tuple[list, dict, list, list]:
+    graph, mesh, cfg = job.graph, ev.mesh, ev.cfg
+    chosen = _chosen(job, ev)
+    pr = ev.priced
+    index = {n: i for i, n in enumerate(pr.nodes)}
+    ops, params = [], {}
+    per_layer: dict[str, dict[str, float]] = defaultdict(lambda: {"compute_s": 0.0, "comm_s": 0.0})
+    for name, node in graph.nodes.items():
+        st = chosen[name]
+        rep = job.tying.rep[name]
+        i = index[rep]
+        s = ev.solution.choice[i]
+        count = job.tying.count[rep]
+        compute = float(pr.compute_s[i][s]) / count
+        if node.kind == "param":
+            params[node.param] = format_placements(st.out)
+        if node.kind in ("param", "buffer", "input"):
+            continue
+        layer = _layer(node.module)
+        per_layer[layer]["compute_s"] += compute
+        ops.append({
+            "name": name, "kind": node.kind, "target": node.target, "module": node.module,
+            "inputs": [format_placements(p) for p in st.ins], "producers": list(node.inputs),
+            "output": format_placements(st.out), "compute_s": compute,
+            "activation_bytes": float(pr.activation_bytes[i][s]) / count,
+        })
+    colls = []
+    axis = mesh.axis_names
+    m = cfg.micro_batches
+    for u, v, data in graph.dag.edges(data=True):
+        pos = data["index"]
+        src, dst = graph.nodes[u], graph.nodes[v]
+        fwd, bwd = edge_collectives(src, chosen[u], chosen[v], pos, cfg.micro_batch, mesh, cfg.dtype)
+        for phase, cs in (("forward", fwd), ("backward", bwd)):
+            for c in cs:
+                colls.append(_coll(c, axis, phase, u, v, pos, src.kind == "param", m))
+    for name, node in graph.nodes.items():
+        for kind, ax, nbytes in chosen[name].comm:
+            colls.append({"phase": "forward", "kind": kind, "axis": axis[ax], "bytes": nbytes * cfg.micro_batch / _generic(),
+                          "src": name, "dst": name, "input": -1, "per_step": m})
+    layers = [{"layer": k, **v} for k, v in per_layer.items()]
+    return ops, params, colls, layers
+
+
+def _generic() -> int:
+    from autoplan.cost.model import GENERIC_BATCH
+
+    return GENERIC_BATCH
+
+
+def _coll(c: Collective, axis_names, phase: str, u: str, v: str, pos: int, param: bool, m: int) -> dict[str, Any]:
+    per_step = m
+    if param and phase == "backward" and c.kind == "all_reduce":
+        per_step = 1  # gradient all-reduce once per step (no_sync while accumulating)
+    return {"phase": phase, "kind": c.kind, "axis": axis_names[c.axis], "bytes": c.nbytes, "src": u, "dst": v,
+            "input": pos, "per_step": per_step}
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[: i + 1])
+    return parts[0] if parts and parts[0] else "(top)"
+
+
+def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = SearchOptions(), with_baselines: bool = True) -> Plan:
+    budget = memory_budget(job.cluster, options)
+    result = search(job.graph, job.tying, job.cluster, devices=job.devices, global_batch=job.global_batch,
+                    mesh=mesh, options=options)
+    best = result.best
+    predicted = predict(job, best, budget)
+    base: dict[str, Any] = {}
+    if with_baselines:
+        for b in baselines(job.devices, job.cluster.devices_per_node):
+            try:
+                r = search(job.graph, job.tying, job.cluster, devices=job.devices, global_batch=job.global_batch,
+                           meshes=[b.mesh], options=options, allow=b.allow)
+                entry = predict(job, r.best, budget).to_json()
+            except InfeasibleError as exc:
+                entry = {"fits": False, "step_time_s": None, "mfu": None, "peak_memory_bytes": exc.min_memory_bytes,
+                         "mesh": b.mesh.as_dict(), "error": str(exc)}
+            entry["description"] = b.description
+            base[b.name] = entry
+    ops, params, colls, layers = _ops_and_collectives(job, best)
+    pred = predicted.to_json()
+    pred["per_layer"] = layers
+    data = {
+        "schema": SCHEMA,
+        "autoplan_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "name": job.model_name, "fingerprint": job.graph.fingerprint, "num_params": job.graph.num_params(),
+            "capture": job.graph.method, "unsupported_ops": job.graph.unsupported(),
+            "repeated_blocks": [{"container": c, "count": n} for c, n in job.tying.groups],
+        },
+        "cluster": {**job.cluster.to_dict(), "usable_memory_bytes": budget},
+        "world_size": job.devices,
+        "mesh": {"shape": list(best.mesh.shape), "axis_names": list(best.mesh.axis_names)},
+        "training": {
+            "global_batch": job.global_batch, "seq_len": job.seq_len, "micro_batches": best.cfg.micro_batches,
+            "micro_batch": best.cfg.micro_batch, "recompute": "full" if best.cfg.recompute else "none", "dtype": best.cfg.dtype,
+        },
+        "params": params,
+        "ops": ops,
+        "collectives": colls,
+        "predicted": pred,
+        "baselines": base,
+        "runners_up": [predict(job, e, budget).to_json() for e in result.evaluated[1:4]],
+        "solver": {
+            "name": best.solution.solver, "seconds": best.solution.seconds, "gap": best.solution.gap,
+            "search_seconds": result.seconds, "configurations": result.configurations, "solved_with_budget": result.solved,
+            "solver_seconds": result.solvers,
+        },
+    }
+    return Plan(data)

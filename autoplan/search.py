@@ -1,0 +1,163 @@
+"""Outer search: meshes x micro-batches x recompute around the exact per-layer sharding solve.
+
+Every configuration's unconstrained optimum (exact, ``solve_reduced``) is a lower bound of its
+memory-constrained optimum. Configurations are visited cheapest bound first; one whose
+unconstrained optimum fits is optimal for itself, one that does not goes to the ILP with the
+memory budget, and the search stops when the next bound is no better than the best plan that
+fits (branch and bound: the result is the exact optimum over the enumerated space).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from autoplan.cost.model import Priced, StepConfig, assemble, price_mesh
+from autoplan.errors import AutoplanError, InfeasibleError
+from autoplan.graph import OpGraph, OpNode
+from autoplan.strategies import Strategy
+from autoplan.hardware import Cluster
+from autoplan.mesh import Mesh, candidate_meshes, divisors
+from autoplan.repeats import Tying
+from autoplan.solve import Problem, Solution, solve_dp, solve_ilp
+from autoplan.solve.budgeted import min_memory, solve_budgeted
+from autoplan.solve.problem import format_bytes
+from autoplan.solve.reduce import solve_reduced
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    dtype: str = "bf16"  # compute dtype: bf16 | fp16 | fp32
+    micro_batches: tuple[int, ...] | None = None  # gradient-accumulation counts to try; None = every divisor of the global batch (up to max_micro_batches)
+    max_micro_batches: int = 64  # largest accumulation count tried when searching
+    recompute: tuple[bool, ...] = (False, True)  # whole-block activation recompute choices to try
+    solver: str = "auto"  # auto (reduce+DP, ILP under memory pressure) | dp | ilp
+    time_limit_s: float = 60.0  # per ILP solve
+    memory_bytes: float | None = None  # override the profile's usable memory per device (what-if)
+
+
+@dataclass
+class Evaluated:
+    mesh: Mesh
+    cfg: StepConfig
+    priced: Priced
+    solution: Solution
+    lower_bound_s: float  # unconstrained optimum of this configuration
+
+
+@dataclass
+class SearchResult:
+    best: Evaluated
+    evaluated: list[Evaluated]  # every configuration that produced a plan that fits, best first
+    configurations: int  # configurations enumerated
+    solved: int  # configurations that needed a memory-constrained solve
+    seconds: float
+    solvers: dict[str, float] = field(default_factory=dict)  # solver -> seconds spent
+
+
+Allow = Callable[[OpNode, Strategy], bool]
+
+
+def _masks(graph: OpGraph, mp, allow: Allow) -> list[np.ndarray]:
+    return [np.array([allow(graph.nodes[n], s) for s in strats]) for n, strats in zip(mp.reps, mp.strategies)]
+
+
+def _restrict(priced: Priced, masks: list[np.ndarray]) -> Priced:
+    p = priced.problem
+    costs = tuple(np.where(mask, c, np.inf) for c, mask in zip(p.node_cost, masks))
+    priced.problem = Problem(costs, p.node_mem, p.edges, mem_budget=p.mem_budget, mem_offset=p.mem_offset)
+    return priced
+
+
+def micro_batch_counts(global_batch: int, options: SearchOptions) -> list[int]:
+    if options.micro_batches is not None:
+        bad = [m for m in options.micro_batches if m < 1 or global_batch % m]
+        if bad:
+            raise AutoplanError(f"micro-batch count {bad[0]} does not divide the global batch {global_batch}: pick a divisor")
+        return list(options.micro_batches)
+    return [m for m in divisors(global_batch) if m <= options.max_micro_batches]
+
+
+def memory_budget(cluster: Cluster, options: SearchOptions) -> float:
+    return options.memory_bytes if options.memory_bytes is not None else cluster.device.usable_memory_bytes
+
+
+def _solve_constrained(priced: Priced, options: SearchOptions) -> Solution:
+    p = priced.problem
+    if options.solver == "ilp":
+        return solve_ilp(p, time_limit_s=options.time_limit_s)
+    if options.solver == "dp":
+        return solve_dp(p)
+    return solve_budgeted(p, time_limit_s=options.time_limit_s)
+
+
+def search(
+    graph: OpGraph,
+    tying: Tying,
+    cluster: Cluster,
+    *,
+    devices: int,
+    global_batch: int,
+    mesh: Mesh | None = None,
+    meshes: list[Mesh] | None = None,
+    options: SearchOptions = SearchOptions(),
+    allow: Allow | None = None,
+) -> SearchResult:
+    """The best configuration over meshes x micro-batches x recompute (see the module docstring).
+
+    ``allow(node, strategy)`` restricts the strategies of some ops (how baselines are priced).
+    """
+    started = time.perf_counter()
+    budget = memory_budget(cluster, options)
+    if meshes is None:
+        meshes = [mesh] if mesh is not None else candidate_meshes(devices, cluster.devices_per_node)
+    recomputes = options.recompute if tying.groups else (False,)
+    counts = micro_batch_counts(global_batch, options)
+    pricings = {msh: price_mesh(graph, tying, msh, cluster, options.dtype) for msh in meshes}
+    masks = {msh: _masks(graph, pricings[msh], allow) for msh in meshes} if allow else {}
+    configs = [(msh, StepConfig(global_batch, m, rc, options.dtype)) for msh in meshes for m in counts for rc in recomputes]
+    solver_seconds: dict[str, float] = {}
+    bounds = []
+    for msh, cfg in configs:
+        priced = assemble(pricings[msh], tying, cfg, budget)
+        if allow:
+            priced = _restrict(priced, masks[msh])
+        unconstrained = Problem(priced.problem.node_cost, priced.problem.node_mem, priced.problem.edges)
+        try:
+            sol = solve_reduced(unconstrained)
+        except InfeasibleError:
+            continue
+        solver_seconds["dp"] = solver_seconds.get("dp", 0.0) + sol.seconds
+        bounds.append((sol.cost, msh, cfg, priced, sol))
+    bounds.sort(key=lambda b: b[0])
+    evaluated: list[Evaluated] = []
+    min_mem = float("inf")
+    solved = 0
+    for bound, msh, cfg, priced, sol in bounds:
+        if evaluated and bound >= evaluated[0].solution.cost and len(evaluated) >= 3:
+            break
+        floor = min_memory(priced.problem)
+        if floor > budget:
+            min_mem = min(min_mem, floor)
+            continue
+        if sol.mem > budget:
+            solved += 1
+            try:
+                sol = _solve_constrained(priced, options)
+            except InfeasibleError as exc:
+                if exc.min_memory_bytes is not None:
+                    min_mem = min(min_mem, exc.min_memory_bytes)
+                continue
+            solver_seconds[sol.solver] = solver_seconds.get(sol.solver, 0.0) + sol.seconds
+        evaluated.append(Evaluated(msh, cfg, priced, sol, bound))
+        evaluated.sort(key=lambda e: e.solution.cost)
+    if not evaluated:
+        need = f"the smallest plan needs {format_bytes(min_mem)}" if min_mem < float("inf") else "no sharding is legal"
+        raise InfeasibleError(
+            f"no plan fits in {format_bytes(budget)} per device on {devices} devices: {need}; "
+            "add devices, raise micro-batches, or use a device with more memory",
+            min_memory_bytes=min_mem if min_mem < float("inf") else None,
+        )
+    return SearchResult(evaluated[0], evaluated, len(configs), solved, time.perf_counter() - started, solver_seconds)
