@@ -83,8 +83,12 @@ def plan(
         batch = global_batch or 8
         with torch.device("meta"):
             module = spec.build()
-            inputs_fn = lambda b: (*spec.example_inputs(b, seq), spec.example_targets(b, seq))  # noqa: E731
-            cap = capture(module, inputs_fn, method=capture_method)
+
+        def inputs_fn(b: int):
+            with torch.device("meta"):  # only here: a default-device context slows every traced op
+                return (*spec.example_inputs(b, seq), spec.example_targets(b, seq))
+
+        cap = capture(module, inputs_fn, method=capture_method)
         label = name or spec.name
         tokens = seq if spec.kind == "lm" else None
     else:

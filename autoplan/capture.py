@@ -20,6 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from autoplan.errors import CaptureError
 
 PROBE_BATCHES = (2, 3)  # two batch sizes whose ratio reveals batch-proportional dims
+PRIME_PROBE = 8191  # one propagation at this (prime) batch: dims divisible by it scale with the batch
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Captured:
     param_names: dict[str, str]  # fx node name -> qualified parameter/buffer name
     trainable: frozenset[str]  # qualified names of parameters that get gradients
     metas: tuple[dict[str, object], ...]  # per probe batch: node name -> tensor meta (shape, dtype) or None
+    probes: tuple[int, ...] = PROBE_BATCHES  # the batch sizes of ``metas``
 
 
 def loss_from_output(output: torch.Tensor, targets: torch.Tensor, flatten: bool) -> torch.Tensor:
@@ -65,10 +67,26 @@ class WithLossMany(WithLoss):
 
 
 class _FlatTracer(fx.Tracer):
-    """Trace through every module so parameters appear as get_attr nodes beside their ops."""
+    """Trace through every module so parameters appear as get_attr nodes beside their ops.
+
+    Parameter look-ups go through a dict (fx's default scans ``named_parameters()`` for every
+    access: quadratic, 10 s for a 96-layer model).
+    """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return False
+
+    def trace(self, root, concrete_args=None):  # type: ignore[override]
+        self._param_names = {id(p): n for n, p in root.named_parameters()} if isinstance(root, nn.Module) else {}
+        return super().trace(root, concrete_args)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):  # type: ignore[override]
+        name = self._param_names.get(id(attr_val)) if isinstance(attr_val, nn.Parameter) else None
+        if name is None:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
 
 
 InputsFn = Callable[[int], tuple[torch.Tensor, ...]]  # batch -> inputs + targets (meta or fake)
@@ -111,6 +129,18 @@ def _propagate(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> dict[str
     return out
 
 
+def choose_probes(model: nn.Module, inputs_fn: InputsFn) -> tuple[int, ...]:
+    """One propagation at a prime batch when no other dim could be mistaken for a multiple of it.
+
+    Shape propagation dominates capture time for big models; one pass instead of two halves
+    it. If any parameter, buffer or non-batch input dim is a multiple of the prime, fall back
+    to two passes (at batches 2 and 3), which are exact for every model.
+    """
+    dims = [d for t in list(model.parameters()) + list(model.buffers()) for d in t.shape]
+    dims += [d for t in inputs_fn(PRIME_PROBE) for d in t.shape[1:]]
+    return PROBE_BATCHES if any(d % PRIME_PROBE == 0 for d in dims) else (PRIME_PROBE,)
+
+
 def _trace_symbolic(wrapped: nn.Module, inputs_fn: InputsFn) -> Captured:
     graph = _FlatTracer().trace(wrapped)
     gm = fx.GraphModule(wrapped, graph)
@@ -118,14 +148,16 @@ def _trace_symbolic(wrapped: nn.Module, inputs_fn: InputsFn) -> Captured:
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             names[node.name] = str(node.target).removeprefix("model.")
-    metas = tuple(_propagate(gm, inputs_fn(b)) for b in PROBE_BATCHES)
+    probes = choose_probes(wrapped, inputs_fn)
+    metas = tuple(_propagate(gm, inputs_fn(b)) for b in probes)
     trainable = frozenset(n.removeprefix("model.") for n, p in wrapped.named_parameters() if p.requires_grad)
-    return Captured(gm, "symbolic_trace", names, trainable, metas)
+    return Captured(gm, "symbolic_trace", names, trainable, metas, probes)
 
 
 def _trace_export(wrapped: nn.Module, inputs_fn: InputsFn) -> Captured:
     exported = []
-    for b in PROBE_BATCHES:
+    probes = choose_probes(wrapped, inputs_fn)
+    for b in probes:
         ep = torch.export.export(wrapped, inputs_fn(b), strict=False)
         exported.append(ep)
     first = exported[0]
@@ -140,7 +172,7 @@ def _trace_export(wrapped: nn.Module, inputs_fn: InputsFn) -> Captured:
             raise CaptureError("torch.export gave different graphs at two batch sizes: the model branches on the batch size")
         metas.append({n.name: _tensor_meta(n.meta.get("val")) for n in nodes})
     trainable = frozenset(n.removeprefix("model.") for n, p in wrapped.named_parameters() if p.requires_grad)
-    return Captured(first.graph_module, "export", names, trainable, tuple(metas))
+    return Captured(first.graph_module, "export", names, trainable, tuple(metas), probes)
 
 
 def capture(model: nn.Module, inputs_fn: InputsFn, *, method: str = "auto") -> Captured:

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from autoplan.capture import PROBE_BATCHES, Captured
+from autoplan.capture import Captured
 from autoplan.errors import CaptureError
 
 aten = torch.ops.aten
@@ -62,9 +62,11 @@ KINDS: dict[str, tuple[Any, ...]] = {
         aten.sigmoid, aten.gelu, aten.silu, aten.relu, aten._to_copy, aten.to, aten.where, aten.masked_fill, aten.sin,
         aten.cos, aten.type_as,
     ),
+    "slice": ("narrow", torch.narrow, aten.narrow, aten.slice),
     "constant": (torch.arange, torch.zeros, torch.ones, torch.full, torch.empty, aten.arange, aten.zeros, aten.ones, aten.full),
 }
 SPLIT_SPELLINGS = ("split", "chunk", "unbind", torch.split, torch.chunk, torch.unbind, aten.split, aten.chunk, aten.unbind, aten.split_with_sizes)
+SHAPE_ONLY_SECOND_ARG = frozenset({"type_as", "view_as", "reshape_as", "expand_as", "new_zeros", "new_ones", "new_empty", "new_full"})
 ALIAS_KINDS = frozenset({"view", "transpose", "expand", "split", "slice", "param", "buffer", "input", "constant"})
 COMPUTE_KINDS = frozenset({"linear", "matmul", "conv2d", "sdpa"})
 
@@ -145,6 +147,20 @@ class OpGraph:
     def num_params(self) -> int:
         return sum(n.out.numel(1) for n in self.params())
 
+    def constant_derived(self) -> frozenset[str]:
+        """Nodes computed from buffers and constants alone (rotary tables, masks, positions).
+
+        They carry no gradient and do not grow with the batch, and moving a replicated tensor
+        to any placement is free, so replicating them loses nothing; the planner pins them.
+        """
+        out: set[str] = set()
+        for n in self.nodes.values():
+            if n.kind in ("buffer", "constant") or (
+                n.kind != "input" and n.inputs and not n.out.batch_dims and all(i in out for i in n.inputs)
+            ):
+                out.add(n.name)
+        return frozenset(out)
+
 
 # ----------------------------------------------------------------------------------------------
 # conversion from fx
@@ -164,9 +180,13 @@ def _classify(node: fx.Node) -> str:
     return kind or "unknown"
 
 
-def _tensor_from_metas(metas: list[Any], name: str) -> Tensor:
+def _tensor_from_metas(metas: list[Any], name: str, probes: tuple[int, ...]) -> Tensor:
+    if len(probes) == 1:  # one propagation at a prime batch
+        (shape, dtype), (prime,) = metas[0], probes
+        dims = frozenset(d for d, x in enumerate(shape) if x % prime == 0)
+        return Tensor(tuple(x // prime if d in dims else x for d, x in enumerate(shape)), dims, dtype)
     (s2, dtype), (s3, _) = metas[0], metas[1]
-    b2, b3 = PROBE_BATCHES
+    b2, b3 = probes
     if len(s2) != len(s3):
         raise CaptureError(f"op {name} changes rank with the batch size: the model branches on the batch")
     base, batch_dims = [], set()
@@ -205,15 +225,18 @@ def _flatten_args(args: Iterable[Any]) -> list[Any]:
 
 def _const_args(node: fx.Node) -> dict[str, Any]:
     """Constant (non-Node) positional and keyword args, for rules that need a dim or an index."""
-    pos = {f"arg{i}": a for i, a in enumerate(node.args) if not isinstance(a, fx.Node)}
-    kw = {k: v for k, v in node.kwargs.items() if not isinstance(v, fx.Node)}
+    def const(a: Any) -> bool:
+        return not any(isinstance(x, fx.Node) for x in _flatten_args([a]))
+
+    pos = {f"arg{i}": a for i, a in enumerate(node.args) if const(a)}
+    kw = {k: v for k, v in node.kwargs.items() if const(v)}
     return {**pos, **kw}
 
 
 def build_graph(cap: Captured) -> OpGraph:
     """Normalise a captured fx graph into the planner's IR."""
     gm = cap.graph_module
-    metas2, metas3 = cap.metas
+    metas2, metas3 = cap.metas[0], cap.metas[-1]
     nodes: dict[str, OpNode] = {}
     split_of: dict[str, tuple[str, Any]] = {}  # fx split node -> (its input, meta tuple)
     loss = ""
@@ -232,7 +255,7 @@ def build_graph(cap: Captured) -> OpGraph:
             dim = next((d for d in range(len(in_shape)) if shapes[idx][d] != in_shape[d]), 0)
             start = sum(s[dim] for s in shapes[:idx])
             kind_attrs = {"dim": dim, "start2": start, "index": idx}
-            out = _tensor_from_metas([metas2[parent][idx], metas3[parent][idx]], node.name)
+            out = _tensor_from_metas([metas2[parent][idx], metas3[parent][idx]], node.name, cap.probes)
             nodes[node.name] = OpNode(node.name, "split", "split", (src_name,), out, kind_attrs, _module_path(node))
             continue
         is_split = node.op in ("call_method", "call_function") and (
@@ -244,8 +267,10 @@ def build_graph(cap: Captured) -> OpGraph:
             continue
         if m2 is None or m3 is None or not (isinstance(m2, tuple) and len(m2) == 2 and isinstance(m2[1], torch.dtype)):
             continue  # not a single tensor (sizes, tuples of ints, ...)
-        out = _tensor_from_metas([m2, m3], node.name)
+        out = _tensor_from_metas([m2, m3], node.name, cap.probes)
         inputs = tuple(a.name for a in _flatten_args([node.args, node.kwargs]) if isinstance(a, fx.Node) and a.name in nodes)
+        if _target_name(node) in SHAPE_ONLY_SECOND_ARG:
+            inputs = inputs[:1]  # x.type_as(y), x.view_as(y): y lends a dtype or shape, no data
         module = _module_path(node)
         if node.op == "placeholder" or node.op == "get_attr":
             qual = cap.param_names.get(node.name)

@@ -74,12 +74,12 @@ def _chosen(job: Job, ev: Evaluated) -> dict[str, Any]:
     return {n: by_rep[job.tying.rep[n]] for n in job.graph.nodes}
 
 
-def _ops_and_collectives(job: Job, ev: Evaluated) -> tuple[list, dict, list, list]:
+def _ops_and_collectives(job: Job, ev: Evaluated) -> tuple[list, dict, dict, list, list]:
     graph, mesh, cfg = job.graph, ev.mesh, ev.cfg
     chosen = _chosen(job, ev)
     pr = ev.priced
     index = {n: i for i, n in enumerate(pr.nodes)}
-    ops, params = [], {}
+    ops, params, data_inputs = [], {}, {}
     per_layer: dict[str, dict[str, float]] = defaultdict(lambda: {"compute_s": 0.0, "comm_s": 0.0})
     for name, node in graph.nodes.items():
         st = chosen[name]
@@ -90,6 +90,8 @@ def _ops_and_collectives(job: Job, ev: Evaluated) -> tuple[list, dict, list, lis
         compute = float(pr.compute_s[i][s]) / count
         if node.kind == "param":
             params[node.param] = format_placements(st.out)
+        if node.kind == "input":
+            data_inputs[name] = format_placements(st.out)
         if node.kind in ("param", "buffer", "input"):
             continue
         layer = _layer(node.module)
@@ -115,7 +117,7 @@ def _ops_and_collectives(job: Job, ev: Evaluated) -> tuple[list, dict, list, lis
             colls.append({"phase": "forward", "kind": kind, "axis": axis[ax], "bytes": nbytes * cfg.micro_batch / _generic(),
                           "src": name, "dst": name, "input": -1, "per_step": m})
     layers = [{"layer": k, **v} for k, v in per_layer.items()]
-    return ops, params, colls, layers
+    return ops, params, data_inputs, colls, layers
 
 
 def _generic() -> int:
@@ -158,7 +160,7 @@ def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = Se
                          "mesh": b.mesh.as_dict(), "error": str(exc)}
             entry["description"] = b.description
             base[b.name] = entry
-    ops, params, colls, layers = _ops_and_collectives(job, best)
+    ops, params, data_inputs, colls, layers = _ops_and_collectives(job, best)
     pred = predicted.to_json()
     pred["per_layer"] = layers
     data = {
@@ -178,6 +180,7 @@ def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = Se
             "micro_batch": best.cfg.micro_batch, "recompute": "full" if best.cfg.recompute else "none", "dtype": best.cfg.dtype,
         },
         "params": params,
+        "inputs": data_inputs,
         "ops": ops,
         "collectives": colls,
         "predicted": pred,

@@ -22,7 +22,9 @@ from autoplan.hardware import Cluster
 from autoplan.mesh import Mesh, candidate_meshes, divisors
 from autoplan.repeats import Tying
 from autoplan.solve import Problem, Solution, solve_dp, solve_ilp
-from autoplan.solve.budgeted import min_memory, solve_budgeted
+from autoplan.solve.budgeted import TOLERANCE, lagrangian, min_memory
+from autoplan.solve.problem import make_solution
+from autoplan.solve.reduce import reduce_problem
 from autoplan.solve.problem import format_bytes
 from autoplan.solve.reduce import solve_reduced
 
@@ -71,6 +73,9 @@ def _restrict(priced: Priced, masks: list[np.ndarray]) -> Priced:
     return priced
 
 
+RUNNERS_UP = 3  # plans kept beside the best, for the report
+
+
 def micro_batch_counts(global_batch: int, options: SearchOptions) -> list[int]:
     if options.micro_batches is not None:
         bad = [m for m in options.micro_batches if m < 1 or global_batch % m]
@@ -85,12 +90,14 @@ def memory_budget(cluster: Cluster, options: SearchOptions) -> float:
 
 
 def _solve_constrained(priced: Priced, options: SearchOptions) -> Solution:
-    p = priced.problem
-    if options.solver == "ilp":
-        return solve_ilp(p, time_limit_s=options.time_limit_s)
+    """Exact memory-constrained optimum: CP-SAT on the reduced problem (or the Pareto DP)."""
+    started = time.perf_counter()
+    red = reduce_problem(priced.problem)
     if options.solver == "dp":
-        return solve_dp(p)
-    return solve_budgeted(p, time_limit_s=options.time_limit_s)
+        sol = solve_dp(red.problem)
+    else:
+        sol = solve_ilp(red.problem, time_limit_s=options.time_limit_s)
+    return make_solution(priced.problem, red.expand(sol.choice), sol.solver, started, sol.gap)
 
 
 def search(
@@ -135,24 +142,53 @@ def search(
     evaluated: list[Evaluated] = []
     min_mem = float("inf")
     solved = 0
+    incumbent = float("inf")
+    pending = []  # (lower bound, config) whose Lagrangian bound did not close: the ILP decides
     for bound, msh, cfg, priced, sol in bounds:
-        if evaluated and bound >= evaluated[0].solution.cost and len(evaluated) >= 3:
+        if bound >= incumbent and len(evaluated) >= RUNNERS_UP:
             break
         floor = min_memory(priced.problem)
         if floor > budget:
             min_mem = min(min_mem, floor)
             continue
-        if sol.mem > budget:
-            solved += 1
-            try:
-                sol = _solve_constrained(priced, options)
-            except InfeasibleError as exc:
-                if exc.min_memory_bytes is not None:
-                    min_mem = min(min_mem, exc.min_memory_bytes)
+        if sol.mem <= budget:
+            evaluated.append(Evaluated(msh, cfg, priced, sol, bound))
+            incumbent = min(incumbent, sol.cost)
+            continue
+        if options.solver != "auto":
+            pending.append((bound, msh, cfg, priced, None))
+            continue
+        t0 = time.perf_counter()
+        red = reduce_problem(priced.problem)
+        choice, lower = lagrangian(red.problem)
+        solver_seconds["lagrangian"] = solver_seconds.get("lagrangian", 0.0) + time.perf_counter() - t0
+        if choice is not None:
+            full = red.expand(tuple(choice))
+            cand = make_solution(priced.problem, full, "dp", t0, 0.0)
+            closed = cand.cost - lower <= TOLERANCE * abs(cand.cost)
+            if not closed:
+                cand = Solution(cand.choice, cand.cost, cand.mem, cand.solver, cand.seconds, (cand.cost - lower) / cand.cost)
+            evaluated.append(Evaluated(msh, cfg, priced, cand, bound))
+            incumbent = min(incumbent, cand.cost)
+            if closed:
                 continue
-            solver_seconds[sol.solver] = solver_seconds.get(sol.solver, 0.0) + sol.seconds
-        evaluated.append(Evaluated(msh, cfg, priced, sol, bound))
-        evaluated.sort(key=lambda e: e.solution.cost)
+        pending.append((max(bound, lower), msh, cfg, priced, red))
+    pending.sort(key=lambda p: p[0])
+    for lower, msh, cfg, priced, red in pending:
+        if lower >= incumbent:
+            break
+        solved += 1
+        try:
+            sol = _solve_constrained(priced, options)
+        except InfeasibleError as exc:
+            if exc.min_memory_bytes is not None:
+                min_mem = min(min_mem, exc.min_memory_bytes)
+            continue
+        solver_seconds[sol.solver] = solver_seconds.get(sol.solver, 0.0) + sol.seconds
+        evaluated = [e for e in evaluated if not (e.mesh == msh and e.cfg == cfg)]
+        evaluated.append(Evaluated(msh, cfg, priced, sol, lower))
+        incumbent = min(incumbent, sol.cost)
+    evaluated.sort(key=lambda e: e.solution.cost)
     if not evaluated:
         need = f"the smallest plan needs {format_bytes(min_mem)}" if min_mem < float("inf") else "no sharding is legal"
         raise InfeasibleError(

@@ -28,18 +28,23 @@ INF = np.inf
 def problems(draw: st.DrawFn, budgeted: bool) -> Problem:
     """1..8 nodes, 1..6 strategies, random (parallel, cyclic or no) edges, some np.inf.
 
-    Costs lie in [0, 1] (either arbitrary floats or multiples of 1/8, which makes many ties);
-    memory is whole bytes, so every solver sees the same budget boundary exactly.
+    Costs lie in [0, 1]: drawn by hypothesis (edge cases such as 0, 1, tiny and repeated
+    values), or for speed from a seeded generator as uniform floats or multiples of 1/8 (many
+    ties).  Memory is whole bytes, so every solver sees the same budget boundary exactly.
     """
     n = draw(st.integers(1, 8))
     sizes = draw(st.lists(st.integers(1, 6), min_size=n, max_size=n))
-    grid = st.integers(0, 8).map(lambda q: q / 8)
-    values = draw(st.sampled_from([st.floats(0.0, 1.0), grid]))
+    style = draw(st.sampled_from(["hypothesis", "uniform", "grid"]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    inf_rate = draw(st.sampled_from([0.0, 0.05, 0.2, 0.5]))
+    inf_rate = draw(st.sampled_from([0.0, 0.05, 0.15, 0.4]))
 
     def costs(shape: tuple[int, ...]) -> np.ndarray:
-        array = draw(arrays(np.float64, shape, elements=values))
+        if style == "hypothesis":
+            array = draw(arrays(np.float64, shape, elements=st.floats(0.0, 1.0)))
+        elif style == "uniform":
+            array = rng.random(shape)
+        else:
+            array = rng.integers(0, 9, shape) / 8
         return np.where(rng.random(shape) < inf_rate, INF, array)
 
     node_cost = tuple(costs((k,)) for k in sizes)
@@ -164,6 +169,29 @@ def test_dp_cost_to_go_bounds_are_exact_or_below_the_true_remaining_cost(p: Prob
                     assert got == pytest.approx(value, rel=1e-9, abs=1e-12)
                 else:
                     assert got <= value + 1e-9
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems(budgeted=True), st.floats(0.0, 0.1))
+def test_dp_frontier_keeps_the_optimum_for_any_memory_price(p: Problem, price: float) -> None:
+    """The frontier DP prunes with a Lagrangian bound that is valid for every price >= 0: given
+    an incumbent that costs exactly the optimum, the optimal path must never be pruned."""
+    from autoplan.solve.dp import _legal_mem, _pareto, _plan, _to_go
+
+    try:
+        best = solve_brute(p)
+    except InfeasibleError:
+        return
+    edges, adjacency, steps = _plan(p)
+    legal_mem, legal_edges = _legal_mem(p, edges)
+    priced = [c + price * m for c, m in zip(p.node_cost, p.node_mem)]
+    to_go = (
+        _to_go(p.sizes, steps, adjacency, priced, edges, 10**9),
+        _to_go(p.sizes, steps, adjacency, legal_mem, legal_edges, 10**9),
+    )
+    choice = _pareto(p, steps, edges, to_go, price, best.cost)
+    assert choice is not None
+    assert p.evaluate(choice)[0] == pytest.approx(best.cost, rel=1e-9, abs=1e-12)
 
 
 def chain(n: int, k: int, seed: int, budget: float | None = None) -> Problem:

@@ -34,7 +34,7 @@ from autoplan.mesh import Mesh
 from autoplan.repeats import Tying
 from autoplan.solve import Problem
 from autoplan.strategies.expand import Strategy, expand
-from autoplan.strategies.placement import Placements, Shard
+from autoplan.strategies.placement import Placements, Replicate, Shard
 from autoplan.strategies.rules import RuleCtx
 
 STATE_BYTES_PER_PARAM = 16  # bf16 weight (2) + bf16 grad (2) + fp32 master, Adam m, v (12); fp32: 4+4+8 (ZeRO paper, sec. 3.1)
@@ -203,9 +203,12 @@ def price_mesh(graph: OpGraph, tying: Tying, mesh: Mesh, cluster: Cluster, dtype
     index = {n: i for i, n in enumerate(reps)}
     dev = cluster.device
     mp = MeshPricing(mesh, reps, [], [], [], [], [], [], [], [])
+    pinned = graph.constant_derived()
     for name in reps:
         node = graph.nodes[name]
         strats = node_strategies(graph, node, mesh, GENERIC_BATCH)
+        if name in pinned:
+            strats = tuple(s for s in strats if all(isinstance(p, Replicate) for p in s.out)) or strats
         mp.strategies.append(strats)
         divs = np.array([s.compute_divisor for s in strats], dtype=np.float64)
         mp.fwd_compute.append(_fit(lambda b: _compute_seconds(graph, node, b, cluster, dtype) / divs))

@@ -229,10 +229,11 @@ def _lagrangian(
     """Walk the lower convex hull of (mem, cost) between an infeasible and a feasible choice.
 
     Each step prices memory at the slope of the chord and solves ``cost + price * mem``
-    unconstrained.  Returns the best feasible hull vertex (an incumbent) and the final price
+    unconstrained.  Returns the cheapest feasible choice met (an incumbent) and the final price
     (a near-optimal Lagrange multiplier of the budget).
     """
     (c_lo, m_lo), (c_hi, m_hi) = p.evaluate(low), p.evaluate(high)
+    best, best_cost = high, c_hi
     price = 0.0
     for _ in range(30):
         price = max(c_hi - c_lo, 0.0) / (m_lo - m_hi)
@@ -243,10 +244,12 @@ def _lagrangian(
         if cost + price * mem >= chord - 1e-12 * max(abs(chord), 1e-300):
             break  # no choice below the chord: (low, high) is a hull edge
         if fits(p, mem):
-            high, c_hi, m_hi = choice, cost, mem
+            c_hi, m_hi = cost, mem
+            if cost < best_cost:
+                best, best_cost = choice, cost
         else:
             c_lo, m_lo = cost, mem
-    return high, price
+    return best, price
 
 
 def _to_go(

@@ -77,13 +77,19 @@ def reduce_problem(p: Problem) -> Reduced:
     queue = sorted(alive)
     while queue:
         x = queue.pop()
-        if x not in alive or len(adj[x]) > 2:
+        if x not in alive or (len(adj[x]) > 2 and len(cost[x]) > 1):
             continue
         const = _const_memory(cost[x], p.node_mem[x]) if budgeted else 0.0
         if const is None:
             continue
         nbrs = tuple(sorted(adj[x]))
-        if not nbrs:
+        if len(cost[x]) == 1 and len(nbrs) > 2:  # one strategy: each edge is a cost on the neighbour
+            for u in nbrs:
+                cost[u] = cost[u] + _oriented(edges, u, x)[:, 0]
+                del edges[(min(u, x), max(u, x))]
+                adj[u].discard(x)
+            steps.append(_Step(x, (), np.array(0)))
+        elif not nbrs:
             steps.append(_Step(x, (), np.array(int(np.argmin(cost[x])))))
         elif len(nbrs) == 1:
             (u,) = nbrs

@@ -1,0 +1,143 @@
+"""The ``autoplan`` command line. Every error is one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Any, Callable
+
+import click
+
+from autoplan.errors import AutoplanError
+
+
+def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except AutoplanError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - a bug: one line unless asked for the traceback
+            if os.environ.get("AUTOPLAN_DEBUG"):
+                raise
+            first = (str(exc).splitlines() or [""])[0][:200]
+            click.echo(f"internal error: {type(exc).__name__}: {first} (set AUTOPLAN_DEBUG=1 for the traceback)", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**30:.1f} GiB"
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    mesh = " x ".join(f"{k}={v}" for k, v in summary["mesh"].items())
+    lines = [
+        f"model {summary['model']} on {summary['world_size']} x {summary['cluster']}: mesh {mesh}, "
+        f"{summary['micro_batches']} micro-batch(es), recompute {summary['recompute']}",
+        "",
+        f"{'plan':<10} {'step time':>12} {'MFU':>7} {'memory/dev':>12} {'fits':>5}  mesh",
+    ]
+
+    def row(name: str, d: dict[str, Any]) -> str:
+        mfu = f"{100 * d['mfu']:.1f}%" if d.get("mfu") is not None else "-"
+        m = " x ".join(f"{k}={v}" for k, v in (d.get("mesh") or {}).items())
+        return f"{name:<10} {fmt_seconds(d.get('step_time_s')):>12} {mfu:>7} {fmt_bytes(d.get('peak_memory_bytes')):>12} {('yes' if d.get('fits') else 'NO'):>5}  {m}"
+
+    lines.append(row("autoplan", summary))
+    for name, b in summary["baselines"].items():
+        lines.append(row(name, b))
+    s = summary["solver"]
+    lines += ["", f"solver {s['name']} ({fmt_seconds(s['seconds'])}, gap {s['gap']:.2g}); search {fmt_seconds(s['search_seconds'])} over {s['configurations']} configurations"]
+    if summary.get("unsupported_ops"):
+        lines.append("replicated (no sharding rule): " + ", ".join(summary["unsupported_ops"]))
+    return "\n".join(lines)
+
+
+@click.group()
+@click.version_option(package_name="autoplan")
+def main() -> None:
+    """autoplan: choose how to parallelize PyTorch training, prove it, run it."""
+
+
+@main.command("plan")
+@click.argument("model")
+@click.option("--cluster", required=True, help="Hardware profile name (see `autoplan clusters`) or path to a profile .yaml.")
+@click.option("--nodes", type=int, help="Number of nodes (devices = nodes x devices per node).")
+@click.option("--devices", type=int, help="Number of devices (instead of --nodes).")
+@click.option("--global-batch", type=int, required=True, help="Samples per optimizer step.")
+@click.option("--seq-len", type=int, help="Tokens per sample (language models).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True, help="Compute dtype.")
+@click.option("--mesh", help="Fix the mesh axes, e.g. dp=2,tp=4 (the last axis is innermost); the solver still picks every op's sharding.")
+@click.option("--micro-batches", help="Comma-separated gradient-accumulation counts to consider (default: every divisor of the global batch up to 64).")
+@click.option("--memory-gib", type=float, help="Override usable memory per device, GiB (what-if).")
+@click.option("--solver", type=click.Choice(["auto", "dp", "ilp"]), default="auto", show_default=True, help="Solver for memory-constrained problems.")
+@click.option("--no-baselines", is_flag=True, help="Skip pricing the DDP / FSDP / Megatron baselines.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the plan JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@_fail_cleanly
+def plan_cmd(model: str, cluster: str, nodes: int | None, devices: int | None, global_batch: int, seq_len: int | None,
+             dtype: str, mesh: str | None, micro_batches: str | None, memory_gib: float | None, solver: str,
+             no_baselines: bool, output: str | None, as_json: bool) -> None:
+    """Plan MODEL (a zoo name, family:key=value,..., path/file.py:factory or package.module:factory)."""
+    from autoplan.api import plan
+
+    counts = None
+    if micro_batches:
+        try:
+            counts = [int(x) for x in micro_batches.split(",")]
+        except ValueError:
+            raise AutoplanError(f"--micro-batches {micro_batches!r}: give whole numbers separated by commas, e.g. 1,2,4") from None
+    result = plan(model, cluster=cluster, nodes=nodes, devices=devices, global_batch=global_batch, seq_len=seq_len,
+                  dtype=dtype, mesh=mesh, micro_batches=counts,
+                  memory_bytes=memory_gib * 2**30 if memory_gib else None, solver=solver, baselines=not no_baselines)
+    if output:
+        result.save(output)
+    summary = result.summary()
+    if as_json:
+        click.echo(json.dumps(summary, default=str))
+    else:
+        click.echo(summary_table(summary))
+        if output:
+            click.echo(f"plan written to {output}")
+
+
+@main.command("models")
+@_fail_cleanly
+def models_cmd() -> None:
+    """List the model zoo."""
+    from autoplan.models import list_models
+
+    for spec in list_models():
+        click.echo(f"{spec.name:<14} {spec.num_params / 1e9:>9.3f}B  {spec.description}")
+    click.echo("families: gpt:layers=..,hidden=..,heads=..,vocab=..  llama:...,kv_heads=..  or path/to/file.py:factory")
+
+
+@main.command("clusters")
+@_fail_cleanly
+def clusters_cmd() -> None:
+    """List the shipped hardware profiles."""
+    from autoplan.hardware import list_clusters, load_cluster
+
+    for name in list_clusters():
+        c = load_cluster(name)
+        click.echo(f"{name:<16} {c.devices_per_node} x {c.device.name}  {c.description}")
+
+
+if __name__ == "__main__":
+    main()
