@@ -69,6 +69,7 @@ def plan(
     baselines: bool = True,
     capture_method: str = "auto",
     name: str | None = None,
+    force: str | None = None,
 ) -> Plan:
     """Plan the training of ``model`` on ``cluster``; see the README for every option.
 
@@ -114,7 +115,7 @@ def plan(
     if dtype not in ("bf16", "fp16", "fp32"):
         raise AutoplanError(f"unknown dtype {dtype!r}: use bf16, fp16 or fp32")
     job = Job(label, graph, tying, clus, n_devices, batch, tokens)
-    return make_plan(job, mesh=parsed_mesh, options=options, with_baselines=baselines)
+    return make_plan(job, mesh=parsed_mesh, options=options, with_baselines=baselines, force=force)
 
 
 def _default_seq(spec: ModelSpec) -> int:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from autoplan import __version__
-from autoplan.baselines import baselines
+from autoplan.baselines import allow_for, baselines
 from autoplan.cost.comm import Collective
 from autoplan.cost.model import BACKWARD_FACTOR, edge_collectives
 from autoplan.errors import InfeasibleError
@@ -109,7 +109,8 @@ def _ops_and_collectives(job: Job, ev: Evaluated) -> tuple[list, dict, dict, lis
         pos = data["index"]
         src, dst = graph.nodes[u], graph.nodes[v]
         fwd, bwd = edge_collectives(src, chosen[u], chosen[v], pos, cfg.micro_batch, mesh, cfg.dtype)
-        for phase, cs in (("forward", fwd), ("backward", bwd)):
+        regather = fwd if src.kind == "param" else ()  # FSDP reshards after forward: gathers again in backward
+        for phase, cs in (("forward", fwd), ("backward", regather), ("backward", bwd)):
             for c in cs:
                 colls.append(_coll(c, axis, phase, u, v, pos, src.kind == "param", m))
     for name, node in graph.nodes.items():
@@ -142,10 +143,23 @@ def _layer(module: str) -> str:
     return parts[0] if parts and parts[0] else "(top)"
 
 
-def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = SearchOptions(), with_baselines: bool = True) -> Plan:
+def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = SearchOptions(),
+              with_baselines: bool = True, force: str | None = None) -> Plan:
+    """Search, then price the baselines, then write everything into a Plan.
+
+    ``force`` ("ddp", "fsdp", "megatron") restricts the plan to one family on ``mesh`` (or on
+    that family's usual mesh), for what-if comparisons and for tests of the runtime.
+    """
     budget = memory_budget(job.cluster, options)
+    cache: dict = {}
+    allow = None
+    if force is not None:
+        if mesh is None:
+            mesh = next((b.mesh for b in baselines(job.devices, job.cluster.devices_per_node) if b.name == force),
+                        Mesh((job.devices,), ("dp",)))
+        allow = allow_for(force, mesh)
     result = search(job.graph, job.tying, job.cluster, devices=job.devices, global_batch=job.global_batch,
-                    mesh=mesh, options=options)
+                    mesh=mesh, options=options, allow=allow, cache=cache)
     best = result.best
     predicted = predict(job, best, budget)
     base: dict[str, Any] = {}
@@ -153,7 +167,7 @@ def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = Se
         for b in baselines(job.devices, job.cluster.devices_per_node):
             try:
                 r = search(job.graph, job.tying, job.cluster, devices=job.devices, global_batch=job.global_batch,
-                           meshes=[b.mesh], options=options, allow=b.allow)
+                           meshes=[b.mesh], options=options, allow=b.allow, cache=cache)
                 entry = predict(job, r.best, budget).to_json()
             except InfeasibleError as exc:
                 entry = {"fits": False, "step_time_s": None, "mfu": None, "peak_memory_bytes": exc.min_memory_bytes,
@@ -186,6 +200,7 @@ def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = Se
         "predicted": pred,
         "baselines": base,
         "runners_up": [predict(job, e, budget).to_json() for e in result.evaluated[1:4]],
+        "forced": force,
         "solver": {
             "name": best.solution.solver, "seconds": best.solution.seconds, "gap": best.solution.gap,
             "search_seconds": result.seconds, "configurations": result.configurations, "solved_with_budget": result.solved,

@@ -10,23 +10,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
+from autoplan.baselines import Allow
 from autoplan.cost.model import Priced, StepConfig, assemble, price_mesh
 from autoplan.errors import AutoplanError, InfeasibleError
-from autoplan.graph import OpGraph, OpNode
-from autoplan.strategies import Strategy
+from autoplan.graph import OpGraph
 from autoplan.hardware import Cluster
 from autoplan.mesh import Mesh, candidate_meshes, divisors
 from autoplan.repeats import Tying
 from autoplan.solve import Problem, Solution, solve_dp, solve_ilp
 from autoplan.solve.budgeted import TOLERANCE, lagrangian, min_memory
-from autoplan.solve.problem import make_solution
-from autoplan.solve.reduce import reduce_problem
-from autoplan.solve.problem import format_bytes
-from autoplan.solve.reduce import solve_reduced
+from autoplan.solve.problem import format_bytes, make_solution
+from autoplan.solve.reduce import reduce_problem, solve_reduced
 
 
 @dataclass(frozen=True)
@@ -59,7 +56,6 @@ class SearchResult:
     solvers: dict[str, float] = field(default_factory=dict)  # solver -> seconds spent
 
 
-Allow = Callable[[OpNode, Strategy], bool]
 
 
 def _masks(graph: OpGraph, mp, allow: Allow) -> list[np.ndarray]:
@@ -111,6 +107,7 @@ def search(
     meshes: list[Mesh] | None = None,
     options: SearchOptions = SearchOptions(),
     allow: Allow | None = None,
+    cache: dict | None = None,
 ) -> SearchResult:
     """The best configuration over meshes x micro-batches x recompute (see the module docstring).
 
@@ -122,7 +119,13 @@ def search(
         meshes = [mesh] if mesh is not None else candidate_meshes(devices, cluster.devices_per_node)
     recomputes = options.recompute if tying.groups else (False,)
     counts = micro_batch_counts(global_batch, options)
-    pricings = {msh: price_mesh(graph, tying, msh, cluster, options.dtype) for msh in meshes}
+    cache = {} if cache is None else cache  # mesh pricings, shared by the plan's and the baselines' searches
+    pricings = {}
+    for msh in meshes:
+        key = (msh.shape, options.dtype)
+        if key not in cache:
+            cache[key] = price_mesh(graph, tying, msh, cluster, options.dtype)
+        pricings[msh] = cache[key]
     masks = {msh: _masks(graph, pricings[msh], allow) for msh in meshes} if allow else {}
     configs = [(msh, StepConfig(global_batch, m, rc, options.dtype)) for msh in meshes for m in counts for rc in recomputes]
     solver_seconds: dict[str, float] = {}
