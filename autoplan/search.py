@@ -35,6 +35,7 @@ class SearchOptions:
     solver: str = "auto"  # auto (reduce+DP, ILP under memory pressure) | dp | ilp
     time_limit_s: float = 60.0  # per ILP solve
     memory_bytes: float | None = None  # override the profile's usable memory per device (what-if)
+    threads: int = 2  # CP-SAT workers
 
 
 @dataclass
@@ -85,14 +86,14 @@ def memory_budget(cluster: Cluster, options: SearchOptions) -> float:
     return options.memory_bytes if options.memory_bytes is not None else cluster.device.usable_memory_bytes
 
 
-def _solve_constrained(priced: Priced, options: SearchOptions) -> Solution:
+def _solve_constrained(priced: Priced, options: SearchOptions, hint: list[int] | None = None) -> Solution:
     """Exact memory-constrained optimum: CP-SAT on the reduced problem (or the Pareto DP)."""
     started = time.perf_counter()
     red = reduce_problem(priced.problem)
     if options.solver == "dp":
         sol = solve_dp(red.problem)
     else:
-        sol = solve_ilp(red.problem, time_limit_s=options.time_limit_s)
+        sol = solve_ilp(red.problem, time_limit_s=options.time_limit_s, threads=options.threads, hint=hint)
     return make_solution(priced.problem, red.expand(sol.choice), sol.solver, started, sol.gap)
 
 
@@ -175,14 +176,14 @@ def search(
             incumbent = min(incumbent, cand.cost)
             if closed:
                 continue
-        pending.append((max(bound, lower), msh, cfg, priced, red))
+        pending.append((max(bound, lower), msh, cfg, priced, choice))
     pending.sort(key=lambda p: p[0])
-    for lower, msh, cfg, priced, red in pending:
+    for lower, msh, cfg, priced, hint in pending:
         if lower >= incumbent:
             break
         solved += 1
         try:
-            sol = _solve_constrained(priced, options)
+            sol = _solve_constrained(priced, options, hint)
         except InfeasibleError as exc:
             if exc.min_memory_bytes is not None:
                 min_mem = min(min_mem, exc.min_memory_bytes)

@@ -30,6 +30,7 @@ budget.  The gap is ``(objective - best bound) / |objective|`` in the scaled uni
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 import time
 from dataclasses import dataclass
 
@@ -64,14 +65,21 @@ class _Result:
     gap: float
 
 
-def solve_ilp(p: Problem, *, time_limit_s: float = 30.0, threads: int = 1) -> Solution:
-    """Optimum (up to the time limit; see ``Solution.gap``) by CP-SAT."""
+def solve_ilp(
+    p: Problem, *, time_limit_s: float = 30.0, threads: int = 1, hint: Sequence[int] | None = None
+) -> Solution:
+    """Optimum (up to the time limit; see ``Solution.gap``) by CP-SAT.
+
+    ``hint``: a choice to start from (e.g. the Lagrangian's best plan that fits).
+    """
     started = time.perf_counter()
     p.validate()
     edges = merge_edges(p)
     m = _build(p, edges)
     _add_cost_objective(p, edges, m)
     _add_memory_budget(p, m)
+    if hint is not None:
+        _add_hint(m, hint)
     result = _run(m, time_limit_s, threads)
     if result.status == cp_model.INFEASIBLE:
         remaining = max(time_limit_s - (time.perf_counter() - started), 1.0)
@@ -84,6 +92,15 @@ def solve_ilp(p: Problem, *, time_limit_s: float = 30.0, threads: int = 1) -> So
     if not fits(p, solution.mem):
         raise RuntimeError(f"ILP returned a plan over budget ({solution.mem} bytes)")
     return solution
+
+
+def _add_hint(m: _Model, hint: Sequence[int]) -> None:
+    for strategies, a in zip(m.x, hint):
+        for b, var in strategies.items():
+            m.model.add_hint(var, b == a)
+    for (u, v), pairs in m.y.items():
+        for (a, b), var in pairs.items():
+            m.model.add_hint(var, a == hint[u] and b == hint[v])
 
 
 def _build(p: Problem, edges: EdgeMap) -> _Model:

@@ -1,0 +1,119 @@
+"""Cost model: collective formulas, resharding transitions, links per mesh axis, profiles."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from autoplan.cost.comm import collective_seconds, dual, transition
+from autoplan.errors import UnknownClusterError
+from autoplan.hardware import PROFILES_DIR, Link, list_clusters, load_cluster
+from autoplan.mesh import Mesh, candidate_meshes, parse_mesh
+from autoplan.errors import AutoplanError
+from autoplan.strategies.placement import P, R, Shard
+
+LINK = Link(bandwidth_bytes_per_s=100e9, latency_s=0.0, efficiency=1.0)
+
+
+def test_ring_all_reduce_moves_twice_the_data_of_an_all_gather():
+    n, nbytes = 8, 1e9
+    ar = collective_seconds("all_reduce", nbytes, n, LINK)
+    ag = collective_seconds("all_gather", nbytes, n, LINK)
+    assert ar == pytest.approx(2 * (n - 1) / n * nbytes / 100e9)
+    assert ag == pytest.approx((n - 1) / n * nbytes / 100e9)
+    assert collective_seconds("all_reduce", nbytes, 1, LINK) == 0.0
+
+
+def test_latency_term_is_capped_by_a_tree_for_large_groups():
+    link = Link(1e12, 1e-5, 1.0)
+    small = collective_seconds("all_reduce", 1.0, 4, link)
+    big = collective_seconds("all_reduce", 1.0, 1024, link)
+    assert small == pytest.approx(4 * 1e-5, rel=1e-3)  # min(ring 6, tree 2*log2(4)=4)
+    assert big == pytest.approx(20 * 1e-5, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "src,dst,kinds",
+    [
+        ((Shard(0),), (R,), ["all_gather"]),
+        ((P,), (R,), ["all_reduce"]),
+        ((P,), (Shard(1),), ["reduce_scatter"]),
+        ((Shard(0),), (Shard(1),), ["all_to_all"]),
+        ((R,), (Shard(0),), []),
+        ((R,), (P,), []),
+        ((Shard(0), P), (R, R), ["all_gather", "all_reduce"]),
+    ],
+)
+def test_transitions_issue_the_collectives_of_dtensor_redistribute(src, dst, kinds):
+    colls = transition((8, 8), 4, src, dst, (2,) * len(src))
+    assert [c.kind for c in colls] == kinds
+
+
+def test_all_gather_bytes_are_the_gathered_output_per_device():
+    (c,) = transition((8, 16), 2, (Shard(0),), (R,), (4,))
+    assert c.nbytes == 8 * 16 * 2
+
+
+def test_gradient_of_a_partial_value_is_replicated():
+    assert dual((P, Shard(0), R)) == (R, Shard(0), R)
+
+
+def test_inner_mesh_axis_inside_a_node_uses_nvlink_and_outer_axis_uses_infiniband():
+    c = load_cluster("dgx-h100")
+    links = Mesh((16, 8), ("dp", "tp")).links(c)
+    assert links == (c.inter_node, c.intra_node)
+    assert Mesh((8,), ("dp",)).links(c) == (c.intra_node,)
+    assert Mesh((16,), ("dp",)).links(c) == (c.inter_node,)
+
+
+def test_candidate_meshes_keep_the_inner_axis_inside_a_node():
+    meshes = candidate_meshes(64, 8)
+    assert Mesh((64,), ("dp",)) in meshes and Mesh((8, 8), ("dp", "tp")) in meshes
+    assert all(m.shape[-1] <= 8 for m in meshes if m.ndim == 2)
+    assert all(m.size == 64 for m in meshes)
+
+
+def test_parse_mesh_names_the_arithmetic_when_sizes_do_not_multiply_to_the_devices():
+    assert parse_mesh("dp=2,tp=4", 8).as_dict() == {"dp": 2, "tp": 4}
+    with pytest.raises(AutoplanError, match=r"dp\(2\) \* tp\(2\) = 4 != devices\(8\)"):
+        parse_mesh("dp=2,tp=2", 8)
+    with pytest.raises(AutoplanError, match="name=size"):
+        parse_mesh("dp2", 8)
+
+
+def test_every_number_in_every_shipped_profile_names_its_source():
+    assert {"dgx-a100-80gb", "dgx-h100", "dgx-h200", "cpu"} <= set(list_clusters())
+    for name in list_clusters():
+        tree = yaml.safe_load((PROFILES_DIR / f"{name}.yaml").read_text())
+
+        def walk(node, path=""):
+            if isinstance(node, dict) and "value" in node:
+                assert node.get("source"), f"{name}: {path} has no source"
+                return
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    walk(v, f"{path}.{k}")
+            elif isinstance(node, (int, float)):
+                raise AssertionError(f"{name}: {path} is a bare number without a source")
+
+        walk({k: v for k, v in tree.items() if k not in ("schema", "name", "description")})
+        c = load_cluster(name)
+        assert c.device.memory_bytes > 0 and c.intra_node.bandwidth_bytes_per_s > 0
+
+
+def test_datasheet_figures_are_decimal_as_published():
+    h100 = load_cluster("dgx-h100")
+    assert h100.device.memory_bandwidth_bytes_per_s == 3.35e12
+    assert h100.device.peak_flops_per_s["bf16"] == pytest.approx(989.4e12)
+    assert load_cluster("dgx-a100-80gb").device.peak_flops_per_s["bf16"] == 312e12
+
+
+def test_unknown_cluster_error_lists_the_profiles(tmp_path):
+    with pytest.raises(UnknownClusterError, match="use one of .*dgx-h100"):
+        load_cluster("dgx-h101")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("schema: autoplan-profile/1\ndevice: {}\n")
+    with pytest.raises(UnknownClusterError, match="peak_flops_per_s"):
+        load_cluster(str(bad))
+    assert math.isfinite(load_cluster(str(PROFILES_DIR / "cpu.yaml")).device.memory_bytes)
