@@ -7,7 +7,10 @@ known: the planner then prices any micro-batch size without tracing again.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -154,11 +157,26 @@ def _trace_symbolic(wrapped: nn.Module, inputs_fn: InputsFn) -> Captured:
     return Captured(gm, "symbolic_trace", names, trainable, metas, probes)
 
 
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch.export logs guards and whole graphs as warnings when it fails: the user gets our one line."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _trace_export(wrapped: nn.Module, inputs_fn: InputsFn) -> Captured:
     exported = []
     probes = choose_probes(wrapped, inputs_fn)
     for b in probes:
-        ep = torch.export.export(wrapped, inputs_fn(b), strict=False)
+        with _quiet_torch_logs():
+            ep = torch.export.export(wrapped, inputs_fn(b), strict=False)
         exported.append(ep)
     first = exported[0]
     names = {}

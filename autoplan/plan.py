@@ -47,8 +47,10 @@ class Prediction:
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> "Prediction":
-        names = {f.name for f in fields(Prediction)}
-        return Prediction(**{k: v for k, v in d.items() if k in names})
+        """Missing numbers (a baseline that fits nowhere has no step time) come back as None."""
+        values = {f.name: d.get(f.name) for f in fields(Prediction)}
+        values = {k: v for k, v in values.items() if v is not None or k not in ("mesh", "micro_batches", "recompute")}
+        return Prediction(**values)
 
 
 @dataclass

@@ -1,0 +1,125 @@
+"""Golden plans: the planner rediscovers tensor, data and sharded parallelism where each is right."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import autoplan
+from autoplan.errors import InfeasibleError
+from autoplan.plan import Plan
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, hidden: int = 1024):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, 4 * hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(4 * hidden, hidden)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def test_mlp_block_under_tensor_parallel_is_column_then_row_with_no_communication_between():
+    with torch.device("meta"):
+        model = MLPBlock()
+    x = torch.empty(8, 256, 1024, device="meta")
+    plan = autoplan.plan(model, (x,), targets=torch.empty(8, 256, dtype=torch.long, device="meta"), cluster="dgx-h100",
+                         devices=8, mesh="tp=8", force="megatron", baselines=False, micro_batches=[1])
+    assert plan.params["fc1.weight"] == ["S(0)"]  # column parallel
+    assert plan.params["fc2.weight"] == ["S(1)"]  # row parallel
+    ops = {o["name"]: o for o in plan.ops}
+    fc1 = next(o for o in plan.ops if o["module"] == "fc1" and o["kind"] == "linear")
+    fc2 = next(o for o in plan.ops if o["module"] == "fc2" and o["kind"] == "linear")
+    assert fc2["inputs"][0] == fc1["output"] == ["S(2)"]
+    between = {fc1["name"], fc2["name"]} | {n for n, o in ops.items() if o["module"] == "act"}
+    assert not [c for c in plan.data["collectives"] if c["src"] in between and c["dst"] in between]
+    assert fc2["output"] == ["P"]
+
+
+def test_small_model_with_ample_memory_gets_data_parallel():
+    plan = autoplan.plan("gpt2", cluster="dgx-h100", devices=8, global_batch=64, seq_len=1024, baselines=False)
+    assert plan.predicted.fits
+    # every device computes 1/8 of the batch: matmuls and attention split along the batch on every axis
+    compute = [o for o in plan.ops if o["kind"] in ("linear", "sdpa")]
+    assert compute and all(set(o["output"]) == {"S(0)"} for o in compute)
+    # inside the transformer blocks, activations never move: collectives there are on parameters only
+    module = {o["name"]: o["module"] for o in plan.ops}
+    in_blocks = [c for c in plan.data["collectives"] if module.get(c["src"], "").startswith("blocks.")]
+    assert not in_blocks
+    ddp_like = autoplan.plan("gpt2", cluster="dgx-h100", devices=8, global_batch=64, seq_len=1024, baselines=False, force="ddp")
+    assert plan.predicted.step_time_s <= ddp_like.predicted.step_time_s
+    assert plan.predicted.step_time_s >= 0.95 * ddp_like.predicted.step_time_s  # DDP is (within 5%) the best
+
+
+def test_memory_cut_below_the_replicated_footprint_gives_a_sharded_plan_that_fits():
+    free = autoplan.plan("gpt2", cluster="dgx-h100", devices=8, global_batch=64, seq_len=1024, baselines=False)
+    replicated_params = free.predicted.param_memory_bytes
+    budget = 0.6 * replicated_params
+    plan = autoplan.plan("gpt2", cluster="dgx-h100", devices=8, global_batch=64, seq_len=1024, baselines=False,
+                         memory_bytes=budget)
+    assert plan.predicted.fits and plan.predicted.peak_memory_bytes <= budget
+    assert plan.predicted.param_memory_bytes < replicated_params
+    assert any(any(p != "R" for p in pl) for pl in plan.params.values())
+    assert plan.predicted.step_time_s >= free.predicted.step_time_s
+
+
+def test_a_model_that_fits_nowhere_names_the_smallest_memory_any_plan_needs():
+    with pytest.raises(InfeasibleError) as err:
+        autoplan.plan("gpt2", cluster="dgx-h100", devices=2, global_batch=8, seq_len=1024, baselines=False,
+                      memory_bytes=2**20)
+    assert err.value.min_memory_bytes and err.value.min_memory_bytes > 2**20
+    assert "smallest plan needs" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_plan_round_trips_through_json_with_all_promised_fields(tmp_path):
+    plan = autoplan.plan("gpt-tiny", cluster="cpu", devices=4, global_batch=8, seq_len=32)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    loaded = Plan.load(path)
+    assert loaded.data == plan.data
+    d = loaded.data
+    assert d["schema"] == "autoplan-plan/1" and d["model"]["fingerprint"]
+    assert set(d["baselines"]) == {"ddp", "fsdp", "megatron"}
+    for field in ("step_time_s", "compute_s", "comm_s", "peak_memory_bytes", "mfu", "fits", "per_layer"):
+        assert field in d["predicted"]
+    assert d["solver"]["name"] in ("dp", "ilp") and d["solver"]["gap"] >= 0
+    assert len(d["params"]) == len({n for n, _ in _named_params("gpt-tiny")})
+    assert all(len(p) == len(d["mesh"]["shape"]) for p in d["params"].values())
+
+
+def _named_params(name):
+    from autoplan.models import resolve_model
+
+    with torch.device("meta"):
+        return list(resolve_model(name).build().named_parameters())
+
+
+ZOO_ON_H100 = [
+    ("gpt2", 1, 64, 1024), ("gpt2-medium", 1, 64, 1024), ("gpt2-large", 1, 64, 1024), ("gpt2-xl", 1, 64, 1024),
+    ("llama3-8b", 1, 64, 4096), ("mlp", 1, 1024, None), ("cnn", 1, 1024, None),
+]
+ZOO_ON_H100_LARGE = [("llama3-70b", 8, 256, 4096), ("gpt3-175b", 32, 512, 2048), ("llama3-405b", 64, 512, 4096)]
+
+
+def _check_beats_baselines(name, nodes, batch, seq):
+    plan = autoplan.plan(name, cluster="dgx-h100", nodes=nodes, global_batch=batch, seq_len=seq)
+    assert plan.predicted.fits
+    for base_name, base in plan.baselines.items():
+        if base.step_time_s is None:
+            assert base.fits is False, base_name
+            continue
+        assert plan.predicted.step_time_s <= base.step_time_s * (1 + 1e-9), base_name
+        assert base.fits == (base.peak_memory_bytes <= plan.data["cluster"]["usable_memory_bytes"])
+
+
+@pytest.mark.parametrize("name,nodes,batch,seq", ZOO_ON_H100)
+def test_zoo_plan_on_a_dgx_h100_node_is_no_worse_than_any_baseline(name, nodes, batch, seq):
+    _check_beats_baselines(name, nodes, batch, seq)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,nodes,batch,seq", ZOO_ON_H100_LARGE)
+def test_large_zoo_plans_on_dgx_h100_nodes_are_no_worse_than_any_baseline(name, nodes, batch, seq):
+    _check_beats_baselines(name, nodes, batch, seq)
