@@ -1,7 +1,6 @@
 """Python API: ``autoplan.plan(model, example_inputs, cluster=..., devices=...)``."""
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import torch
@@ -15,7 +14,7 @@ from autoplan.mesh import parse_mesh
 from autoplan.models import ModelSpec, resolve_model
 from autoplan.plan import Plan
 from autoplan.planner import Job, make_plan
-from autoplan.repeats import Tying, find_repeats
+from autoplan.repeats import find_repeats
 from autoplan.search import SearchOptions
 
 
@@ -50,7 +49,7 @@ def _inputs_fn_for(model: nn.Module, example_inputs: Sequence[torch.Tensor], tar
     return inputs_fn
 
 
-def plan(
+def prepare_job(
     model: nn.Module | str,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
     *,
@@ -59,23 +58,11 @@ def plan(
     devices: int | None = None,
     global_batch: int | None = None,
     seq_len: int | None = None,
-    mesh: str | dict[str, int] | None = None,
     targets: torch.Tensor | None = None,
-    dtype: str = "bf16",
-    micro_batches: Sequence[int] | None = None,
-    recompute: bool | None = None,
-    memory_bytes: float | None = None,
-    solver: str = "auto",
-    baselines: bool = True,
     capture_method: str = "auto",
     name: str | None = None,
-    force: str | None = None,
-) -> Plan:
-    """Plan the training of ``model`` on ``cluster``; see the README for every option.
-
-    ``model`` is an ``nn.Module`` (built on the meta device to plan without weights) with its
-    ``example_inputs`` (any batch size; dim 0 is the batch), or a zoo spec such as ``"gpt2"``.
-    """
+) -> Job:
+    """Capture ``model`` (an nn.Module with example inputs, or a zoo spec) for ``cluster``."""
     clus = cluster if isinstance(cluster, Cluster) else load_cluster(cluster)
     n_devices = resolve_devices(clus, nodes, devices)
     if isinstance(model, str):
@@ -103,8 +90,40 @@ def plan(
         is_lm = not ex[0].dtype.is_floating_point and ex[0].dim() == 2
         tokens = int(ex[0].shape[1]) if is_lm else None
     graph = build_graph(cap)
-    tying = find_repeats(graph)
-    parsed_mesh = parse_mesh(mesh, n_devices) if mesh is not None else None
+    return Job(label, graph, find_repeats(graph), clus, n_devices, batch, tokens)
+
+
+def plan(
+    model: nn.Module | str,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    *,
+    cluster: str | Cluster,
+    nodes: int | None = None,
+    devices: int | None = None,
+    global_batch: int | None = None,
+    seq_len: int | None = None,
+    mesh: str | dict[str, int] | None = None,
+    targets: torch.Tensor | None = None,
+    dtype: str = "bf16",
+    micro_batches: Sequence[int] | None = None,
+    recompute: bool | None = None,
+    memory_bytes: float | None = None,
+    solver: str = "auto",
+    baselines: bool = True,
+    capture_method: str = "auto",
+    name: str | None = None,
+    force: str | None = None,
+) -> Plan:
+    """Plan the training of ``model`` on ``cluster``; see the README for every option.
+
+    ``model`` is an ``nn.Module`` (built on the meta device to plan without weights) with its
+    ``example_inputs`` (any batch size; dim 0 is the batch), or a zoo spec such as ``"gpt2"``.
+    """
+    if dtype not in ("bf16", "fp16", "fp32"):
+        raise AutoplanError(f"unknown dtype {dtype!r}: use bf16, fp16 or fp32")
+    job = prepare_job(model, example_inputs, cluster=cluster, nodes=nodes, devices=devices, global_batch=global_batch,
+                      seq_len=seq_len, targets=targets, capture_method=capture_method, name=name)
+    parsed_mesh = parse_mesh(mesh, job.devices) if mesh is not None else None
     options = SearchOptions(
         dtype=dtype,
         micro_batches=tuple(micro_batches) if micro_batches else None,
@@ -112,9 +131,6 @@ def plan(
         solver=solver,
         memory_bytes=memory_bytes,
     )
-    if dtype not in ("bf16", "fp16", "fp32"):
-        raise AutoplanError(f"unknown dtype {dtype!r}: use bf16, fp16 or fp32")
-    job = Job(label, graph, tying, clus, n_devices, batch, tokens)
     return make_plan(job, mesh=parsed_mesh, options=options, with_baselines=baselines, force=force)
 
 

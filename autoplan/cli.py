@@ -117,6 +117,48 @@ def plan_cmd(model: str, cluster: str, nodes: int | None, devices: int | None, g
             click.echo(f"plan written to {output}")
 
 
+@main.command("estimate")
+@click.argument("model")
+@click.option("--cluster", required=True, help="Hardware profile name or path.")
+@click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel size (inside a node).")
+@click.option("--pp", type=int, default=1, show_default=True, help="Pipeline stages.")
+@click.option("--dp", type=int, default=1, show_default=True, help="Data-parallel size.")
+@click.option("--virtual-stages", type=int, default=1, show_default=True, help="Interleaved 1F1B chunks per device.")
+@click.option("--micro-batch", type=int, default=1, show_default=True, help="Samples per micro-batch per data-parallel rank.")
+@click.option("--recompute", type=click.Choice(["none", "selective", "full"]), default="none", show_default=True)
+@click.option("--sequence-parallel", is_flag=True, help="Split norms and dropouts along the sequence over tp.")
+@click.option("--zero", type=click.IntRange(0, 3), default=0, show_default=True, help="ZeRO stage (3 = FSDP).")
+@click.option("--global-batch", type=int, required=True)
+@click.option("--seq-len", type=int)
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
+@click.option("--attention", type=click.Choice(["flash", "unfused"]), default="flash", show_default=True,
+              help="Attention kernel: fused (FlashAttention) or scores materialised.")
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def estimate_cmd(model: str, cluster: str, tp: int, pp: int, dp: int, virtual_stages: int, micro_batch: int,
+                 recompute: str, sequence_parallel: bool, zero: int, global_batch: int, seq_len: int | None,
+                 dtype: str, attention: str, as_json: bool) -> None:
+    """Price one fixed configuration of MODEL (what-if) with the planner's cost model."""
+    from autoplan.api import prepare_job
+    from autoplan.estimate import EstimateConfig, estimate
+
+    job = prepare_job(model, cluster=cluster, devices=tp * pp * dp, global_batch=global_batch, seq_len=seq_len)
+    est = estimate(job, EstimateConfig(tp=tp, pp=pp, dp=dp, virtual_stages=virtual_stages, micro_batch=micro_batch,
+                                       recompute=recompute, sequence_parallel=sequence_parallel, zero=zero,
+                                       dtype=dtype, attention=attention))
+    d = est.to_json()
+    if as_json:
+        click.echo(json.dumps(d))
+        return
+    click.echo(f"{model} on {tp * pp * dp} x {job.cluster.name}: tp={tp} pp={pp} dp={dp}, micro-batch {micro_batch} "
+               f"x {est.micro_batches}, recompute {recompute}")
+    click.echo(f"step time {fmt_seconds(est.step_time_s)} (compute {fmt_seconds(est.compute_s)}, comm {fmt_seconds(est.comm_s)}, "
+               f"bubble {fmt_seconds(est.bubble_s)}, optimizer {fmt_seconds(est.optimizer_s)})")
+    click.echo(f"MFU {100 * est.mfu:.1f}%  model {est.model_tflops_per_device:.1f} TFLOP/s/device  hardware "
+               f"{est.hardware_tflops_per_device:.1f} TFLOP/s/device  memory {fmt_bytes(est.peak_memory_bytes)} "
+               f"({'fits' if est.fits else 'DOES NOT FIT'})")
+
+
 @main.command("models")
 @_fail_cleanly
 def models_cmd() -> None:

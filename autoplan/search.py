@@ -36,6 +36,7 @@ class SearchOptions:
     time_limit_s: float = 60.0  # per ILP solve
     memory_bytes: float | None = None  # override the profile's usable memory per device (what-if)
     threads: int = 2  # CP-SAT workers
+    attention: str = "flash"  # attention kernel: flash (fused) | unfused (scores materialised)
 
 
 @dataclass
@@ -123,9 +124,9 @@ def search(
     cache = {} if cache is None else cache  # mesh pricings, shared by the plan's and the baselines' searches
     pricings = {}
     for msh in meshes:
-        key = (msh.shape, options.dtype)
+        key = (msh.shape, options.dtype, options.attention)
         if key not in cache:
-            cache[key] = price_mesh(graph, tying, msh, cluster, options.dtype)
+            cache[key] = price_mesh(graph, tying, msh, cluster, options.dtype, attention=options.attention)
         pricings[msh] = cache[key]
     masks = {msh: _masks(graph, pricings[msh], allow) for msh in meshes} if allow else {}
     configs = [(msh, StepConfig(global_batch, m, rc, options.dtype)) for msh in meshes for m in counts for rc in recomputes]

@@ -119,8 +119,17 @@ def node_strategies(graph: OpGraph, node: OpNode, mesh: Mesh, batch: int) -> tup
     )
 
 
-def _compute_seconds(graph: OpGraph, node: OpNode, batch: int, cluster: Cluster, dtype: str) -> float:
-    """Forward time of the whole (unsharded) op; divided by the strategy's compute divisor."""
+UNFUSED_SCORE_PASSES = 7  # unfused attention moves the (B, H, T, S) scores through HBM this many times in forward:
+# QK^T writes them (1), the fused scale-mask-softmax reads and writes (2), dropout reads, writes and
+# stores its mask (3), AV reads them (1) -- the kernel sequence of Megatron-LM before FlashAttention
+
+
+def _compute_seconds(graph: OpGraph, node: OpNode, batch: int, cluster: Cluster, dtype: str, attention: str = "flash") -> float:
+    """Forward time of the whole (unsharded) op; divided by the strategy's compute divisor.
+
+    ``attention``: "flash" (fused kernel: scores never leave on-chip memory) or "unfused"
+    (scores materialised: the matmuls, then memory-bound passes over the scores).
+    """
     if node.kind in ALIAS_KINDS:
         return 0.0
     dev = cluster.device
@@ -128,7 +137,12 @@ def _compute_seconds(graph: OpGraph, node: OpNode, batch: int, cluster: Cluster,
     nbytes = sum(graph.nodes[i].out.numel(batch) * elem_bytes(graph.nodes[i], dtype) for i in node.inputs)
     nbytes += node.out.numel(batch) * elem_bytes(node, dtype)
     t_flops = flops / (dev.flops_per_s(dtype) * dev.matmul_efficiency)
-    t_bytes = nbytes / (dev.memory_bandwidth_bytes_per_s * dev.memory_efficiency)
+    bandwidth = dev.memory_bandwidth_bytes_per_s * dev.memory_efficiency
+    t_bytes = nbytes / bandwidth
+    if node.kind == "sdpa" and attention == "unfused":
+        q, k = (graph.nodes[i].out.shape(batch) for i in node.inputs[:2])
+        scores = math.prod(q[:-1]) * k[-2] * DTYPE_BYTES.get(dtype, 2)
+        return t_flops + UNFUSED_SCORE_PASSES * scores / bandwidth
     return max(t_flops, t_bytes)
 
 
@@ -197,7 +211,8 @@ def _batch_constraints(shapes_nodes: list[OpNode], placements: list[Placements],
     return tuple(out)
 
 
-def price_mesh(graph: OpGraph, tying: Tying, mesh: Mesh, cluster: Cluster, dtype: str, recompute_blocks: bool = True) -> MeshPricing:
+def price_mesh(graph: OpGraph, tying: Tying, mesh: Mesh, cluster: Cluster, dtype: str, recompute_blocks: bool = True,
+               attention: str = "flash") -> MeshPricing:
     links = mesh.links(cluster)
     reps = [n for n in graph.nodes if tying.rep[n] == n]
     index = {n: i for i, n in enumerate(reps)}
@@ -211,7 +226,7 @@ def price_mesh(graph: OpGraph, tying: Tying, mesh: Mesh, cluster: Cluster, dtype
             strats = tuple(s for s in strats if all(isinstance(p, Replicate) for p in s.out)) or strats
         mp.strategies.append(strats)
         divs = np.array([s.compute_divisor for s in strats], dtype=np.float64)
-        mp.fwd_compute.append(_fit(lambda b: _compute_seconds(graph, node, b, cluster, dtype) / divs))
+        mp.fwd_compute.append(_fit(lambda b: _compute_seconds(graph, node, b, cluster, dtype, attention) / divs))
         shapes = [node] + [graph.nodes[i] for i in node.inputs]
 
         def internal(b, strats=strats, node=node):

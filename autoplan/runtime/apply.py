@@ -1,0 +1,633 @@
+"""Apply a plan: distribute parameters with DTensor and run the captured graph op by op.
+
+``apply(model, plan)`` re-captures the real model (the fx node names are the plan's op names),
+checks the fingerprint and world size, builds the device mesh, turns every parameter into a
+DTensor with its planned placements, and returns a ``ParallelModel``. Its forward walks the
+fx graph: before each op every tensor input is moved to the placement the plan chose for that
+op (``_Reshard``: forward = the planned transition, backward = the gradient's way back), the
+op runs under DTensor dispatch (or locally on shards for ops without a CPU DTensor strategy:
+SDPA, cross-entropy), and its output is checked against the planned placement.
+
+Gradient synchronisation follows the cost model: gradients of parameters replicated on an
+axis stay Partial while micro-batches accumulate and are all-reduced once per step; sharded
+parameters are gathered in forward, gathered again in backward (saved-tensor hooks), and
+their gradients reduce-scattered per micro-batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import Partial as DPartial
+from torch.distributed.tensor import Replicate as DReplicate
+from torch.distributed.tensor import Shard as DShard
+from torch.distributed.tensor.placement_types import Placement as DPlacement
+
+from autoplan.capture import Captured, capture
+from autoplan.errors import AutoplanError, PlanMismatchError
+from autoplan.graph import SHAPE_ONLY_SECOND_ARG, OpGraph, build_graph
+from autoplan.plan import Plan
+from autoplan.strategies.placement import Partial, Shard, parse_placement
+
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+DPlacements = tuple[DPlacement, ...]
+
+
+# ------------------------------------------------------------------------------ placements
+
+
+def to_dtensor_placements(items: Sequence[str]) -> DPlacements:
+    out: list[DPlacement] = []
+    for text in items:
+        p = parse_placement(text)
+        out.append(DShard(p.dim) if isinstance(p, Shard) else DPartial() if isinstance(p, Partial) else DReplicate())
+    return tuple(out)
+
+
+def placement_str(p: DPlacement) -> str:
+    if isinstance(p, DShard):
+        return f"S({p.dim})"
+    return "P" if p.is_partial() else "R"
+
+
+def normalize(placements: Sequence[DPlacement], ndim: int) -> DPlacements:
+    """Shard(-1) -> Shard(ndim - 1); every Partial flavour -> Partial() (for comparisons)."""
+    out: list[DPlacement] = []
+    for p in placements:
+        if isinstance(p, DShard) and p.dim < 0:
+            out.append(DShard(p.dim + ndim))
+        elif p.is_partial():
+            out.append(DPartial())
+        else:
+            out.append(p)
+    return tuple(out)
+
+
+def grad_dual(placements: DPlacements) -> DPlacements:
+    """Gradient placement matching a value's: a Partial value has a replicated gradient."""
+    return tuple(DReplicate() if p.is_partial() else p for p in placements)
+
+
+# ------------------------------------------------------------------------------ tracing of what is issued
+
+
+@dataclass
+class Trace:
+    """Labels the collectives issued by the runtime: (phase, src node, dst node) of the current move."""
+
+    label: tuple[str, str, str] | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)
+    enabled: bool = False
+
+    @contextlib.contextmanager
+    def scope(self, phase: str, src: str, dst: str) -> Iterator[None]:
+        old = self.label
+        self.label = (phase, src, dst)
+        try:
+            yield
+        finally:
+            self.label = old
+
+
+# ------------------------------------------------------------------------------ moving a DTensor
+
+
+def _pad_to_partial(x: DTensor, axis: int) -> DTensor:
+    """R or S(d) on ``axis`` -> Partial, locally: keep one copy (R) or zero-pad the shard (S)."""
+    mesh = x.device_mesh
+    cur = x.placements[axis]
+    local = x.to_local()
+    coord = mesh.get_local_rank(axis)
+    if isinstance(cur, DShard):
+        d = cur.dim
+        later = [a for a in range(axis + 1, mesh.ndim) if isinstance(x.placements[a], DShard) and x.placements[a].dim == d]
+        earlier = [a for a in range(axis) if isinstance(x.placements[a], DShard) and x.placements[a].dim == d]
+        if later:
+            raise AutoplanError(f"cannot turn S({d}) into P on mesh axis {axis}: dim {d} is also split by an inner axis")
+        n = mesh.size(axis)
+        shape = list(local.shape)
+        shape[d] *= n
+        padded = local.new_zeros(shape)
+        padded.narrow(d, coord * local.shape[d], local.shape[d]).copy_(local)
+        local = padded
+        del earlier
+    elif coord != 0:
+        local = torch.zeros_like(local)
+    placements = list(x.placements)
+    placements[axis] = DPartial()
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=x.shape, stride=x.stride())
+
+
+def move(x: DTensor, dst: DPlacements) -> DTensor:
+    """The planned transition src -> dst: DTensor's redistribute, plus local R|S -> P."""
+    cur = normalize(x.placements, x.ndim)
+    if cur == dst:
+        return x
+    first = tuple(c if d.is_partial() else d for c, d in zip(cur, dst))
+    if first != cur:
+        x = x.redistribute(x.device_mesh, first)
+    for axis, d in enumerate(dst):
+        if d.is_partial() and not x.placements[axis].is_partial():
+            x = _pad_to_partial(x, axis)
+    return x
+
+
+PARAM_GRAD: DPlacements = ()  # marker: the gradient of a parameter edge (placement decided in backward)
+
+
+def param_grad_placements(param: DPlacements, g: DTensor) -> DPlacements:
+    """A parameter's gradient keeps its sharding; on replicated axes a Partial gradient stays
+    Partial (all-reduced once per step, in ``sync_grads``) and a replicated one stays replicated."""
+    have = normalize(g.placements, g.ndim)
+    return tuple(p if isinstance(p, DShard) else (DPartial() if h.is_partial() else DReplicate()) for p, h in zip(param, have))
+
+
+class _Reshard(torch.autograd.Function):
+    """Forward: move to the consumer's placement; backward: move the gradient to ``grad_dst``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: DTensor, dst: DPlacements, grad_dst: DPlacements, trace: Trace, names: tuple[str, str]) -> DTensor:  # type: ignore[override]
+        ctx.grad_dst, ctx.trace, ctx.names = grad_dst, trace, names
+        ctx.param_placements = normalize(x.placements, x.ndim)
+        with trace.scope("forward", *names):
+            out = move(x, dst)
+        return out if out is not x else x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: DTensor) -> tuple[Any, ...]:  # type: ignore[override]
+        dst = ctx.grad_dst
+        if dst is PARAM_GRAD:
+            dst = param_grad_placements(ctx.param_placements, g)
+        with ctx.trace.scope("backward", *ctx.names):
+            return move(g, dst), None, None, None, None
+
+
+def reshard(x: DTensor, dst: DPlacements, grad_dst: DPlacements, trace: Trace, names: tuple[str, str]) -> DTensor:
+    if not x.requires_grad:
+        with trace.scope("forward", *names):
+            return move(x, dst)
+    return _Reshard.apply(x, dst, grad_dst, trace, names)
+
+
+def _gathers(src: DPlacements, dst: DPlacements) -> bool:
+    """The move src -> dst gathers a sharded axis (FSDP-style parameter all-gather)."""
+    return any(isinstance(a, DShard) and a != b and not b.is_partial() for a, b in zip(src, dst))
+
+
+def replicate(t: torch.Tensor, mesh: DeviceMesh) -> DTensor:
+    return DTensor.from_local(t, mesh, [DReplicate()] * mesh.ndim, run_check=False)
+
+
+# ------------------------------------------------------------------------------ ops run on local shards
+
+
+def _local_sdpa(args: list[Any], kwargs: dict[str, Any], out_pl: DPlacements) -> DTensor:
+    """SDPA has no CPU DTensor strategy: with batch or heads split (or all replicated) it is local."""
+    q = args[0]
+    n = q.ndim
+    for t in args[:3]:
+        for p in t.placements:
+            if isinstance(p, DShard) and normalize([p], n)[0].dim >= n - 2:
+                raise AutoplanError("the plan splits attention along the sequence: not supported by the runtime yet")
+    local_args = [a.to_local() if isinstance(a, DTensor) else a for a in args]
+    local_kwargs = {k: (v.to_local() if isinstance(v, DTensor) else v) for k, v in kwargs.items()}
+    out = F.scaled_dot_product_attention(*local_args, **local_kwargs)
+    return DTensor.from_local(out, q.device_mesh, list(q.placements), run_check=False)
+
+
+def _local_cross_entropy(args: list[Any], kwargs: dict[str, Any]) -> DTensor:
+    """Mean cross-entropy with rows split: each rank a partial mean (Partial on the row axes)."""
+    logits, targets = args[0], args[1]
+    if kwargs.get("reduction", "mean") != "mean" or any(isinstance(p, DShard) and p.dim != 0 for p in logits.placements):
+        raise AutoplanError("the plan splits cross-entropy other than by rows: not supported by the runtime yet")
+    rest = {k: v for k, v in kwargs.items() if k != "reduction"}
+    loss = F.cross_entropy(logits.to_local(), targets.to_local(), reduction="sum", **rest) / logits.shape[0]
+    placements = [DPartial() if isinstance(p, DShard) else DReplicate() for p in logits.placements]
+    return DTensor.from_local(loss, logits.device_mesh, placements, run_check=False)
+
+
+def _is_dropout_noop(node: fx.Node) -> bool:
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+    return not training or p == 0.0
+
+
+# ------------------------------------------------------------------------------ the planned program
+
+
+@dataclass
+class OpPlan:
+    inputs: list[DPlacements]
+    producers: list[str]
+    output: DPlacements
+
+
+@dataclass
+class Program:
+    """Everything the runtime needs from the plan, indexed by fx node name."""
+
+    mesh: DeviceMesh
+    gm: fx.GraphModule
+    graph: OpGraph
+    param_of: dict[str, str]  # fx node -> qualified parameter/buffer name
+    ops: dict[str, OpPlan]
+    inputs: dict[str, DPlacements]
+    params: dict[str, DPlacements]
+    consumers: dict[str, list[str]]  # parameter node -> consumer nodes
+    split_nodes: dict[str, fx.Node]
+
+
+def _lm_inputs_fn(seq: int) -> Callable[[int], tuple[torch.Tensor, ...]]:
+    def fn(batch: int) -> tuple[torch.Tensor, ...]:
+        with torch.device("meta"):
+            return (torch.zeros(batch, seq, dtype=torch.long), torch.zeros(batch, seq, dtype=torch.long))
+
+    return fn
+
+
+def meta_clone(model: nn.Module) -> nn.Module:
+    """A weightless copy that keeps tied parameters tied (``Module.to("meta")`` unties them)."""
+    memo: dict[int, Any] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in memo:
+            empty = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)
+
+
+def _example_inputs_fn(meta_model: nn.Module, example: Sequence[torch.Tensor], targets: torch.Tensor | None):
+    from autoplan.api import _inputs_fn_for
+
+    return _inputs_fn_for(meta_model, example, targets)
+
+
+def recapture(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Tensor] | None,
+              targets: torch.Tensor | None = None) -> Captured:
+    """Capture the real model the way the planner did (names and fingerprint must match)."""
+    method = plan.data["model"].get("capture", "auto")
+    meta = meta_clone(model)
+    if example_inputs is None:
+        seq = plan.data["training"].get("seq_len")
+        if not seq:
+            raise AutoplanError("this plan is not for a language model: pass example_inputs= to autoplan.apply")
+        fn = _lm_inputs_fn(int(seq))
+    else:
+        fn = _example_inputs_fn(meta, example_inputs, targets)
+    return capture(meta, fn, method=method)
+
+
+def check_plan(plan: Plan, graph: OpGraph, world_size: int) -> None:
+    if graph.fingerprint != plan.fingerprint:
+        raise PlanMismatchError(
+            f"the plan was made for another model (fingerprint {plan.fingerprint}, this model {graph.fingerprint}): "
+            f"re-plan it with `autoplan plan`"
+        )
+    if plan.world_size != world_size:
+        raise PlanMismatchError(
+            f"the plan is for {plan.world_size} ranks but the process group has {world_size}: "
+            f"launch {plan.world_size} ranks or re-plan for {world_size}"
+        )
+
+
+def build_program(plan: Plan, cap: Captured, graph: OpGraph, mesh: DeviceMesh) -> Program:
+    ops = {o["name"]: OpPlan([to_dtensor_placements(p) for p in o["inputs"]], list(o["producers"]),
+                             to_dtensor_placements(o["output"])) for o in plan.ops}
+    params = {q: to_dtensor_placements(p) for q, p in plan.params.items()}
+    consumers: dict[str, list[str]] = {}
+    for name, op in ops.items():
+        for src in op.producers:
+            if graph.nodes.get(src) is not None and graph.nodes[src].kind == "param":
+                consumers.setdefault(src, []).append(name)
+    splits = {n.name: n for n in cap.graph_module.graph.nodes
+              if any(u.target is operator.getitem and u.name in ops and ops[u.name] and graph.nodes[u.name].kind == "split"
+                     for u in n.users)}
+    return Program(mesh, cap.graph_module, graph, dict(cap.param_names), ops,
+                   {k: to_dtensor_placements(v) for k, v in plan.data["inputs"].items()}, params, consumers, splits)
+
+
+def make_mesh(plan: Plan) -> DeviceMesh:
+    m = plan.data["mesh"]
+    return init_device_mesh("cpu", tuple(m["shape"]), mesh_dim_names=tuple(m["axis_names"]))
+
+
+def distribute_parameters(model: nn.Module, params: dict[str, DPlacements], mesh: DeviceMesh) -> dict[str, nn.Parameter]:
+    """Swap every parameter for a DTensor parameter with its planned placements (tied ones stay tied)."""
+    new: dict[int, nn.Parameter] = {}
+    by_name: dict[str, nn.Parameter] = {}
+    aliases: dict[int, list[str]] = {}
+    for qual, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(qual)
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            qual = f"{mod_name}.{pname}" if mod_name else pname
+            if id(p) not in new:
+                placements = next((params[a] for a in aliases.get(id(p), [qual]) if a in params), (DReplicate(),) * mesh.ndim)
+                new[id(p)] = nn.Parameter(distribute_tensor(p.detach(), mesh, list(placements)), requires_grad=p.requires_grad)
+            setattr(mod, pname, new[id(p)])
+            by_name[qual] = new[id(p)]
+    return by_name
+
+
+# ------------------------------------------------------------------------------ the parallel model
+
+
+class ParallelModel:
+    """A model with its parameters distributed per a plan; ``train_step`` runs one planned step."""
+
+    def __init__(self, model: nn.Module, plan: Plan, program: Program, params: dict[str, nn.Parameter],
+                 optimizer: torch.optim.Optimizer | None):
+        self.module = model
+        self.plan = plan
+        self.program = program
+        self.mesh = program.mesh
+        self.params = params
+        self.optimizer = optimizer
+        self.trace = Trace()
+        self._gathered: dict[int, tuple[nn.Parameter, DPlacements, str]] = {}
+        self.unplanned: list[str] = []  # ops whose output placement had to be fixed after the op
+        self._buffers = {n: replicate(b, self.mesh) for n, b in model.named_buffers(remove_duplicate=False)}
+        self.micro_batches = int(plan.data["training"].get("micro_batches", 1) or 1)
+
+    # -------------------------------------------------------------------------- inputs
+
+    def shard_inputs(self, *tensors: torch.Tensor) -> list[DTensor]:
+        """The same global batch on every rank -> DTensors with the plan's input placements (local chunks)."""
+        names = [n.name for n in self.program.gm.graph.nodes if n.op == "placeholder"]
+        out = []
+        for name, t in zip(names, tensors):
+            dst = self.program.inputs.get(name, (DReplicate(),) * self.mesh.ndim)
+            out.append(move(replicate(t, self.mesh), dst))
+        return out
+
+    # -------------------------------------------------------------------------- forward
+
+    def _value_of_attr(self, node: fx.Node) -> DTensor:
+        qual = str(node.target).removeprefix("model.")
+        if qual in self.params:
+            return self.params[qual]
+        if qual in self._buffers:
+            return self._buffers[qual]
+        raise AutoplanError(f"the graph reads {qual}, which the model has no parameter or buffer for")
+
+    def _grad_dst(self, src: str, value: DTensor) -> DPlacements:
+        pl = normalize(value.placements, value.ndim)
+        graph = self.program.graph
+        if src in graph.nodes and graph.nodes[src].kind == "param":
+            return PARAM_GRAD
+        return grad_dual(pl)
+
+    def _prepare(self, value: Any, src: str, dst_pl: DPlacements, dst: str) -> Any:
+        if not isinstance(value, DTensor):
+            if not isinstance(value, torch.Tensor):
+                return value
+            value = replicate(value, self.mesh)
+        out = reshard(value, dst_pl, self._grad_dst(src, value), self.trace, (src, dst))
+        if isinstance(value, nn.Parameter) and _gathers(normalize(value.placements, value.ndim), dst_pl):
+            self._gathered[out._local_tensor.untyped_storage().data_ptr()] = (value, dst_pl, src)
+        return out
+
+    def _args_for(self, node: fx.Node, env: dict[str, Any], op: OpPlan | None) -> tuple[Any, Any]:
+        """Node args with each planned tensor input moved to the op's planned placement."""
+        counter = [0]
+        graph_nodes = self.program.graph.nodes
+        shape_only = node.target in SHAPE_ONLY_SECOND_ARG
+
+        def fetch(n: fx.Node) -> Any:
+            value = env[n.name]
+            if op is None or n.name not in graph_nodes and n.name not in self.program.split_nodes:
+                return value
+            i = counter[0]
+            counter[0] += 1
+            if i >= len(op.inputs) or (shape_only and i > 0):
+                return value
+            return self._prepare(value, op.producers[i], op.inputs[i], node.name)
+
+        args = fx.node.map_arg(node.args, fetch)
+        kwargs = fx.node.map_arg(node.kwargs, fetch)
+        return args, kwargs
+
+    def _call(self, node: fx.Node, args: Any, kwargs: Any, op: OpPlan | None) -> Any:
+        target = node.target
+        if node.op == "call_method":
+            self_obj, *rest = args
+            return getattr(self_obj, target)(*rest, **kwargs)
+        if node.op == "call_module":
+            raise AutoplanError(f"module {target} was traced as a leaf: the runtime needs a flat trace")
+        if target in (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default):
+            return _local_sdpa(list(args), dict(kwargs), op.output if op else ())
+        if target in (F.cross_entropy,) and isinstance(args[0], DTensor):
+            return _local_cross_entropy(list(args), dict(kwargs))
+        if target in (F.dropout, torch.dropout) and _is_dropout_noop(node):
+            return args[0]
+        return target(*args, **kwargs)
+
+    def _regather_hooks(self, name: str) -> contextlib.AbstractContextManager:
+        """FSDP semantics: a gathered parameter is not kept for backward; backward gathers it again."""
+        gathered = dict(self._gathered)
+        self._gathered.clear()
+        if not gathered:
+            return contextlib.nullcontext()
+        trace = self.trace
+
+        def pack(t: torch.Tensor) -> Any:
+            if isinstance(t, DTensor):
+                key = t._local_tensor.untyped_storage().data_ptr()
+                if key in gathered:
+                    loc = t._local_tensor
+                    return ("regather", gathered[key], loc.size(), loc.stride(), loc.storage_offset(),
+                            t.placements, t.shape, t.stride(), t.requires_grad)
+            return t
+
+        def unpack(saved: Any) -> torch.Tensor:
+            if not (isinstance(saved, tuple) and saved and saved[0] == "regather"):
+                return saved
+            _, (param, dst, src), size, stride, offset, placements, shape, gstride, _rg = saved
+            with torch.no_grad(), trace.scope("backward", src, name):
+                full = move(param.detach(), dst)
+            local = full._local_tensor.as_strided(size, stride, offset)
+            return DTensor.from_local(local, param.device_mesh, placements, run_check=False, shape=shape, stride=gstride)
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+    def _fix_output(self, node: fx.Node, out: Any, op: OpPlan) -> Any:
+        if isinstance(out, torch.Tensor) and not isinstance(out, DTensor):
+            out = replicate(out, self.mesh)
+        if not isinstance(out, DTensor):
+            return out
+        have = normalize(out.placements, out.ndim)
+        if have != op.output:
+            self.unplanned.append(f"{node.name}: {[placement_str(p) for p in have]} -> {[placement_str(p) for p in op.output]}")
+            out = reshard(out, op.output, grad_dual(have), self.trace, (node.name, node.name))
+        return out
+
+    def loss(self, *inputs: DTensor) -> DTensor:
+        """Run the planned forward on sharded inputs (from ``shard_inputs``): the loss as a DTensor."""
+        env: dict[str, Any] = {}
+        placeholders = iter(inputs)
+        prog = self.program
+        for node in prog.gm.graph.nodes:
+            if node.op == "placeholder":
+                env[node.name] = next(placeholders)
+            elif node.op == "get_attr":
+                env[node.name] = self._value_of_attr(node)
+            elif node.op == "output":
+                return fx.node.map_arg(node.args[0], lambda n: env[n.name])
+            elif node.name in prog.split_nodes:
+                env[node.name] = node  # evaluated per getitem, after moving its source
+            else:
+                env[node.name] = self._run(node, env)
+            for freed in self._last_uses.get(node.name, ()):
+                env.pop(freed, None)
+        raise AutoplanError("the traced graph has no output")
+
+    def _run(self, node: fx.Node, env: dict[str, Any]) -> Any:
+        prog = self.program
+        op = prog.ops.get(node.name)
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and node.args[0].name in prog.split_nodes:
+            split = prog.split_nodes[node.args[0].name]
+            src = split.args[0]
+            value = env[src.name]
+            if op is not None:
+                value = self._prepare(value, op.producers[0], op.inputs[0], node.name)
+            args = (value, *fx.node.map_arg(split.args[1:], lambda n: env[n.name]))
+            kwargs = fx.node.map_arg(split.kwargs, lambda n: env[n.name])
+            out = self._split_part(split, args, kwargs, int(node.args[1]))
+        else:
+            args, kwargs = self._args_for(node, env, op)
+            with self._regather_hooks(node.name):
+                out = self._call(node, args, kwargs, op)
+        return self._fix_output(node, out, op) if op is not None else out
+
+    def _split_part(self, split: fx.Node, args: tuple, kwargs: dict, idx: int) -> Any:
+        """Part ``idx`` of a split as a narrow/select of its source (a split's backward would mix in
+        plain zero tensors for the parts this getitem does not use)."""
+        value = args[0]
+        with torch.no_grad():
+            parts = self._call(split, args, kwargs, None)
+        part = parts[idx]
+        if part.ndim == value.ndim:
+            dim = next((d for d in range(value.ndim) if part.shape[d] != value.shape[d]), 0)
+            start = sum(int(p.shape[dim]) for p in parts[:idx])
+            return value.narrow(dim, start, int(part.shape[dim]))
+        dim = int(kwargs.get("dim", args[1] if len(args) > 1 else 0))
+        return value.select(dim, idx)
+
+    @property
+    def _last_uses(self) -> dict[str, list[str]]:
+        cached = getattr(self, "_last_uses_cache", None)
+        if cached is None:
+            seen: set[str] = set()
+            cached = {}
+            for node in reversed(list(self.program.gm.graph.nodes)):
+                deps = list(node.all_input_nodes)
+                if node.name in self.program.split_nodes or node.op == "output":
+                    deps = []  # split nodes are read through their source by each getitem
+                if node.target is operator.getitem and node.args and isinstance(node.args[0], fx.Node) \
+                        and node.args[0].name in self.program.split_nodes:
+                    deps = list(self.program.split_nodes[node.args[0].name].all_input_nodes)
+                for d in deps:
+                    if d.name not in seen:
+                        seen.add(d.name)
+                        cached.setdefault(node.name, []).append(d.name)
+            self._last_uses_cache = cached
+        return cached
+
+    # -------------------------------------------------------------------------- training
+
+    def micro_slices(self, batch: int) -> list[slice]:
+        m = self.micro_batches
+        if batch % m:
+            raise AutoplanError(f"the batch of {batch} samples does not split into the plan's {m} micro-batches")
+        size = batch // m
+        return [slice(i * size, (i + 1) * size) for i in range(m)]
+
+    def forward_backward(self, *tensors: torch.Tensor) -> DTensor:
+        """Forward and backward of every micro-batch of a GLOBAL batch, then the gradient sync.
+
+        Returns the summed (over micro-batches, already averaged) loss as a DTensor, not reduced.
+        """
+        total: DTensor | None = None
+        scale = 1.0 / self.micro_batches
+        for sl in self.micro_slices(int(tensors[0].shape[0])):
+            inputs = self.shard_inputs(*[t[sl] for t in tensors])
+            loss = self.loss(*inputs) * scale if self.micro_batches > 1 else self.loss(*inputs)
+            pl = normalize(loss.placements, loss.ndim)
+            loss.to_local(grad_placements=grad_dual(pl)).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        self.sync_grads()
+        assert total is not None
+        return total
+
+    def sync_grads(self) -> None:
+        """The deferred gradient all-reduces: Partial gradients of replicated parameters -> Replicate."""
+        for qual, p in self.params.items():
+            if p.grad is None or not isinstance(p.grad, DTensor):
+                continue
+            want = normalize(p.placements, p.ndim)
+            if normalize(p.grad.placements, p.ndim) != want:
+                node = self._param_node(qual)
+                cons = self.program.consumers.get(node, [])
+                with self.trace.scope("backward", node, cons[0] if len(cons) == 1 else "*"):
+                    p.grad = p.grad.redistribute(p.device_mesh, list(want))
+
+    def _param_node(self, qual: str) -> str:
+        cached = getattr(self, "_param_nodes", None)
+        if cached is None:
+            cached = {}
+            for node, q in self.program.param_of.items():
+                if node in self.program.graph.nodes:
+                    cached.setdefault(q, node)
+            self._param_nodes = cached
+        return cached.get(qual, qual)
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """One step on the same GLOBAL batch on every rank; returns the global mean loss."""
+        loss = self.forward_backward(inputs, targets)
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.full_tensor())
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Unsharded parameters and buffers, on every rank (collective: call it on all ranks)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, value in self.module.state_dict(keep_vars=True).items():
+            out[name] = value.full_tensor().detach() if isinstance(value, DTensor) else value.detach()
+        return out
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        return {n: p.grad.full_tensor() for n, p in self.params.items() if p.grad is not None}
+
+
+def apply(model: nn.Module, plan: Plan | str, *, optimizer: OptimizerFactory | None = None,
+          example_inputs: Sequence[torch.Tensor] | None = None) -> ParallelModel:
+    """Distribute ``model`` per ``plan`` on the current process group (call on every rank).
+
+    ``optimizer`` is a factory, e.g. ``lambda params: torch.optim.AdamW(params, lr=1e-3)``.
+    ``example_inputs`` is needed only for non-LM plans (to re-trace the model).
+    """
+    import torch.distributed as dist
+
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    if not dist.is_initialized():
+        raise AutoplanError("autoplan.apply needs an initialised process group: run under torchrun and call "
+                            "torch.distributed.init_process_group('gloo') first")
+    cap = recapture(model, plan, example_inputs)
+    graph = build_graph(cap)
+    check_plan(plan, graph, dist.get_world_size())
+    mesh = make_mesh(plan)
+    program = build_program(plan, cap, graph, mesh)
+    params = distribute_parameters(model, program.params, mesh)
+    opt = optimizer(list(dict.fromkeys(params.values()))) if optimizer is not None else None
+    return ParallelModel(model, plan, program, params, opt)

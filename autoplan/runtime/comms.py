@@ -1,0 +1,105 @@
+"""Which collectives a planned step issues, next to the ones the plan priced.
+
+``CollectiveRecorder`` is a dispatch mode that sees every functional collective DTensor issues
+(kind, bytes per device, mesh axis) and labels it with the runtime's current move (phase,
+producer node, consumer node). ``compare`` matches them against ``plan.data["collectives"]``.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from autoplan.plan import Plan
+from autoplan.runtime.apply import Trace
+
+_KINDS = {
+    "all_gather_into_tensor": "all_gather", "all_gather_into_tensor_out": "all_gather",
+    "reduce_scatter_tensor": "reduce_scatter", "all_reduce": "all_reduce", "all_reduce_": "all_reduce",
+    "all_to_all_single": "all_to_all", "allreduce_": "all_reduce", "_allgather_base_": "all_gather",
+    "allgather_": "all_gather", "_reduce_scatter_base_": "reduce_scatter", "alltoall_base_": "all_to_all",
+}
+
+
+def _nbytes(t: Any) -> int:
+    if isinstance(t, torch.Tensor):
+        return t.numel() * t.element_size()
+    if isinstance(t, (list, tuple)):
+        return sum(_nbytes(x) for x in t)
+    return 0
+
+
+class CollectiveRecorder(TorchDispatchMode):
+    """Records (phase, kind, axis, bytes, src, dst) of every collective run inside it."""
+
+    def __init__(self, mesh: DeviceMesh, trace: Trace):
+        super().__init__()
+        self.trace = trace
+        self.axis_of = {mesh.get_group(i).group_name: name for i, name in enumerate(mesh.mesh_dim_names or ())}
+        self.records: list[dict[str, Any]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        kind = _KINDS.get(func._overloadpacket.__name__)
+        out = func(*args, **kwargs)
+        if kind is not None:
+            self.records.append(self._record(kind, args, out))
+        return out
+
+    def _record(self, kind: str, args: tuple, out: Any) -> dict[str, Any]:
+        group = next((a for a in args if isinstance(a, str) and a in self.axis_of), None)
+        nbytes = _nbytes(out) if kind == "all_gather" else _nbytes(args[0])
+        phase, src, dst = self.trace.label or ("unlabelled", "?", "?")
+        return {"phase": phase, "kind": kind, "axis": self.axis_of.get(group or "", str(group)), "bytes": nbytes,
+                "src": src, "dst": dst}
+
+
+def _key(c: dict[str, Any]) -> tuple:
+    return (c["phase"], c["kind"], c["axis"], int(round(float(c["bytes"]))), c["src"], c["dst"])
+
+
+def planned(plan: Plan) -> Counter:
+    """The plan's collectives of one step, as a multiset (each repeated ``per_step`` times)."""
+    out: Counter = Counter()
+    for c in plan.data["collectives"]:
+        out[_key(c)] += int(c.get("per_step", 1))
+    return out
+
+
+def compare(plan: Plan, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Planned vs issued: {"missing": [...], "extra": [...], "issued": n, "planned": n, "bytes": ...}."""
+    want = planned(plan)
+    got: Counter = Counter()
+    wild: list[tuple] = []
+    for r in records:
+        if r["dst"] == "*":
+            wild.append(_key(r))
+        else:
+            got[_key(r)] += 1
+    missing = want - got
+    extra = got - want
+    for k in wild:  # a deferred all-reduce of a parameter with several consumers: match any of its edges
+        hit = next((m for m in missing if m[:5] == k[:5]), None)
+        if hit is not None:
+            missing[hit] -= 1
+            missing = +missing
+        else:
+            extra[k] += 1
+    return {
+        "planned": sum(want.values()), "issued": len(records),
+        "planned_bytes": sum(k[3] * n for k, n in want.items()), "issued_bytes": sum(r["bytes"] for r in records),
+        "missing": sorted([list(k) + [n] for k, n in missing.items()]),
+        "extra": sorted([list(k) + [n] for k, n in extra.items()]),
+    }
+
+
+def by_kind(records: list[dict[str, Any]]) -> dict[str, int]:
+    return dict(Counter(f"{r['phase']}:{r['kind']}:{r['axis']}" for r in records))
+
+
+def total_bytes(plan: Plan) -> float:
+    return math.fsum(float(c["bytes"]) * int(c.get("per_step", 1)) for c in plan.data["collectives"])

@@ -1,0 +1,119 @@
+"""Run by torchrun (4 ranks): planned runs vs one process, and planned vs issued collectives.
+
+usage: python -m torch.distributed.run --standalone --nproc-per-node 4 equivalence_worker.py OUT.json CASES
+CASES: comma-separated model:family[:mesh] (family ddp|fsdp|megatron|auto; mesh like dp=2+tp=2).
+Rank 0 writes a JSON report: per case, gradient / loss / parameter relative errors and the
+collectives comparison.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+torch.set_num_threads(1)
+
+
+def build(name: str):
+    if name.startswith("hf-"):
+        from tests_hf_models import build_hf  # type: ignore[import-not-found]
+
+        return build_hf(name)
+    import autoplan.models as zoo
+
+    spec = zoo.resolve_model(name)
+    torch.manual_seed(0)
+    return spec.build(), None
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def run_case(case: str, batches, seq: int) -> dict:
+    import autoplan
+    from autoplan.capture import loss_from_output
+    from autoplan.runtime import apply
+    from autoplan.runtime.comms import CollectiveRecorder, by_kind, compare
+
+    parts = case.split(":")
+    name, family = parts[0], parts[1]
+    mesh = parts[2].replace("+", ",") if len(parts) > 2 else None
+    model, example = build(name)
+    ref = copy.deepcopy(model)
+    force = None if family == "auto" else family
+    t0 = time.perf_counter()
+    if example is None:
+        plan = autoplan.plan(name, cluster="cpu", devices=dist.get_world_size(), global_batch=batches[0][0].shape[0],
+                             seq_len=seq, baselines=False, force=force, mesh=mesh, dtype="fp32")
+    else:
+        plan = autoplan.plan(model, (example,), cluster="cpu", devices=dist.get_world_size(),
+                             global_batch=batches[0][0].shape[0], baselines=False, force=force, mesh=mesh, dtype="fp32")
+    plan_s = time.perf_counter() - t0
+    pm = apply(model, plan, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3), example_inputs=(example,) if example is not None else None)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    out = {"case": case, "mesh": plan.mesh, "plan_s": plan_s, "params": sorted({"/".join(v) for v in plan.params.values()}),
+           "micro_batches": plan.data["training"]["micro_batches"]}
+    losses, ref_losses = [], []
+    for step, (x, y) in enumerate(batches):
+        if step == 0:
+            rec = CollectiveRecorder(pm.mesh, pm.trace)
+            with rec:
+                loss_dt = pm.forward_backward(x, y)
+            out["collectives"] = compare(plan, rec.records)
+            out["issued_by_kind"] = by_kind(rec.records)
+            grads = pm.full_grads()
+            loss = float(loss_dt.full_tensor())
+            pm.optimizer.step()
+            pm.optimizer.zero_grad(set_to_none=True)
+        else:
+            loss = pm.train_step(x, y)
+        ref_loss = loss_from_output(ref(x), y, y.dim() >= 2)
+        ref_loss.backward()
+        if step == 0:
+            ref_grads = {n: p.grad.detach().clone() for n, p in ref.named_parameters()}
+            out["grad_rel"] = max(rel(grads[n], ref_grads[n]) for n in ref_grads)
+            out["grads_missing"] = sorted(set(ref_grads) - set(grads))
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        losses.append(loss)
+        ref_losses.append(float(ref_loss.detach()))
+    full = pm.full_state_dict()
+    out["losses"], out["ref_losses"] = losses, ref_losses
+    out["loss_rel"] = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
+    out["param_rel"] = max(rel(full[n], p.detach()) for n, p in ref.named_parameters())
+    out["param_abs"] = max(float((full[n] - p.detach()).abs().max()) for n, p in ref.named_parameters())
+    out["unplanned"] = pm.unplanned
+    return out
+
+
+def main() -> None:
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    out_path, cases = sys.argv[1], sys.argv[2].split(",")
+    seq = 32
+    gen = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(3):
+        x = torch.randint(0, 256, (8, seq + 1), generator=gen)
+        batches.append((x[:, :-1].contiguous(), x[:, 1:].contiguous()))
+    report = []
+    for case in cases:
+        try:
+            report.append(run_case(case, batches, seq))
+        except Exception as exc:  # noqa: BLE001 - reported per case
+            report.append({"case": case, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]})
+        dist.barrier()
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as fh:
+            json.dump(report, fh, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
