@@ -181,5 +181,11 @@ def clusters_cmd() -> None:
         click.echo(f"{name:<16} {c.devices_per_node} x {c.device.name}  {c.description}")
 
 
+from autoplan.report.commands import diff as diff_cmd, explain as explain_cmd, show as show_cmd  # noqa: E402
+
+main.add_command(show_cmd)
+main.add_command(diff_cmd)
+main.add_command(explain_cmd)
+
 if __name__ == "__main__":
     main()
