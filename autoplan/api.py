@@ -113,6 +113,7 @@ def plan(
     capture_method: str = "auto",
     name: str | None = None,
     force: str | None = None,
+    pipeline: bool = False,
 ) -> Plan:
     """Plan the training of ``model`` on ``cluster``; see the README for every option.
 
@@ -131,7 +132,7 @@ def plan(
         solver=solver,
         memory_bytes=memory_bytes,
     )
-    return make_plan(job, mesh=parsed_mesh, options=options, with_baselines=baselines, force=force)
+    return make_plan(job, mesh=parsed_mesh, options=options, with_baselines=baselines, force=force, pipeline=pipeline)
 
 
 def _default_seq(spec: ModelSpec) -> int:

@@ -64,6 +64,12 @@ def summary_table(summary: dict[str, Any]) -> str:
         lines.append(row(name, b))
     s = summary["solver"]
     lines += ["", f"solver {s['name']} ({fmt_seconds(s['seconds'])}, gap {s['gap']:.2g}); search {fmt_seconds(s['search_seconds'])} over {s['configurations']} configurations"]
+    pipe = summary.get("pipeline_alternative")
+    if pipe and pipe.get("found"):
+        c, e = pipe["config"], pipe["predicted"]
+        lines.append(f"pipeline alternative: tp={c['tp']} pp={c['pp']} dp={c['dp']} micro-batch {c['micro_batch']} "
+                     f"v={c['virtual_stages']} recompute {c['recompute']}: {fmt_seconds(e['step_time_s'])}, MFU {100 * e['mfu']:.1f}%"
+                     f"{' (faster; not yet executable by autoplan train)' if pipe['faster_than_plan'] else ''}")
     if summary.get("unsupported_ops"):
         lines.append("replicated (no sharding rule): " + ", ".join(summary["unsupported_ops"]))
     return "\n".join(lines)
@@ -88,12 +94,13 @@ def main() -> None:
 @click.option("--memory-gib", type=float, help="Override usable memory per device, GiB (what-if).")
 @click.option("--solver", type=click.Choice(["auto", "dp", "ilp"]), default="auto", show_default=True, help="Solver for memory-constrained problems.")
 @click.option("--no-baselines", is_flag=True, help="Skip pricing the DDP / FSDP / Megatron baselines.")
+@click.option("--pipeline", is_flag=True, help="Also search pipeline configurations (TP x PP x DP, interleaving) and report the best.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the plan JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @_fail_cleanly
 def plan_cmd(model: str, cluster: str, nodes: int | None, devices: int | None, global_batch: int, seq_len: int | None,
              dtype: str, mesh: str | None, micro_batches: str | None, memory_gib: float | None, solver: str,
-             no_baselines: bool, output: str | None, as_json: bool) -> None:
+             no_baselines: bool, pipeline: bool, output: str | None, as_json: bool) -> None:
     """Plan MODEL (a zoo name, family:key=value,..., path/file.py:factory or package.module:factory)."""
     from autoplan.api import plan
 
@@ -105,7 +112,8 @@ def plan_cmd(model: str, cluster: str, nodes: int | None, devices: int | None, g
             raise AutoplanError(f"--micro-batches {micro_batches!r}: give whole numbers separated by commas, e.g. 1,2,4") from None
     result = plan(model, cluster=cluster, nodes=nodes, devices=devices, global_batch=global_batch, seq_len=seq_len,
                   dtype=dtype, mesh=mesh, micro_batches=counts,
-                  memory_bytes=memory_gib * 2**30 if memory_gib else None, solver=solver, baselines=not no_baselines)
+                  memory_bytes=memory_gib * 2**30 if memory_gib else None, solver=solver, baselines=not no_baselines,
+                  pipeline=pipeline)
     if output:
         result.save(output)
     summary = result.summary()

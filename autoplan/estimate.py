@@ -75,8 +75,8 @@ def _check(cfg: EstimateConfig, job: Job, layers: int) -> int:
         raise AutoplanError(f"tp({cfg.tp}) * pp({cfg.pp}) * dp({cfg.dp}) = {cfg.tp * cfg.pp * cfg.dp} != devices({job.devices})")
     if cfg.tp > job.cluster.devices_per_node:
         raise AutoplanError(f"tp({cfg.tp}) > devices per node({job.cluster.devices_per_node}): keep tensor parallel inside a node")
-    if layers % (cfg.pp * cfg.virtual_stages):
-        raise AutoplanError(f"layers({layers}) do not split into pp({cfg.pp}) * virtual stages({cfg.virtual_stages}) chunks")
+    if cfg.pp * cfg.virtual_stages > layers:
+        raise AutoplanError(f"pp({cfg.pp}) * virtual stages({cfg.virtual_stages}) > layers({layers}): use fewer stages")
     per_step = cfg.dp * cfg.micro_batch
     if job.global_batch % per_step:
         raise AutoplanError(f"global batch {job.global_batch} is not a multiple of dp({cfg.dp}) * micro-batch({cfg.micro_batch})")
@@ -181,7 +181,7 @@ def estimate(job: Job, cfg: EstimateConfig, cache: dict | None = None) -> Estima
     m = _check(cfg, job, layers)
     lc = layer_costs(job, cfg, cache)
     comp, tp, sync, opt, par, act, act_live = lc.comp, lc.tp, lc.sync, lc.opt, lc.par, lc.act, lc.act_live
-    lps = layers // cfg.pp  # layers per stage
+    lps = -(-layers // cfg.pp)  # layers on the fullest stage (stages differ by at most one layer)
     dev = job.cluster
     seq = job.seq_len or 1
     eb = DTYPE_BYTES[cfg.dtype]

@@ -8,13 +8,14 @@ no code changes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from autoplan.errors import UnknownClusterError
+from autoplan.profiler.tables import DeviceTables, LinkTables, device_tables_from_yaml, link_tables_from_yaml  # measured: (issue #5)
 
 SCHEMA = "autoplan-profile/1"
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
@@ -27,6 +28,7 @@ class Link:
     bandwidth_bytes_per_s: float  # per device, one direction
     latency_s: float  # alpha: fixed cost of one collective step
     efficiency: float  # fraction of bandwidth_bytes_per_s a collective achieves
+    measured: LinkTables | None = None  # measured: (issue #5) curves from `autoplan profile`; None = alpha-beta only
 
     @property
     def effective_bytes_per_s(self) -> float:
@@ -42,6 +44,7 @@ class Device:
     memory_bandwidth_bytes_per_s: float
     matmul_efficiency: float  # fraction of peak a large matmul reaches
     memory_efficiency: float  # fraction of memory bandwidth a streaming kernel reaches
+    measured: DeviceTables | None = field(default=None, compare=False)  # measured: (issue #5) matmul/copy curves
 
     @property
     def usable_memory_bytes(self) -> float:
@@ -112,6 +115,27 @@ def _link(tree: dict[str, Any], key: str, sources: dict[str, str], where: str) -
     )
 
 
+def _measured(tree: dict[str, Any], where: str) -> tuple[DeviceTables | None, LinkTables | None, LinkTables | None]:
+    """The optional ``measured:`` section (issue #5): curves written by ``autoplan profile``."""
+    m = tree.get("measured")
+    if not m:
+        return None, None, None
+    if not isinstance(m, dict):
+        raise UnknownClusterError(f"profile {where}: measured must be a mapping (see profiles/cpu-measured.yaml)")
+    try:
+        dev = device_tables_from_yaml(m.get("device"), f"{where}: measured.device")
+        links = m.get("links") or {}
+        intra = link_tables_from_yaml(links.get("intra_node"), f"{where}: measured.links.intra_node")
+        inter_tree = links.get("inter_node")
+        if isinstance(inter_tree, dict) and inter_tree.get("same_as") == "intra_node":
+            inter = intra
+        else:
+            inter = link_tables_from_yaml(inter_tree, f"{where}: measured.links.inter_node")
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise UnknownClusterError(f"profile {where}: bad measured section ({exc})") from None
+    return dev, intra, inter
+
+
 def cluster_from_dict(tree: dict[str, Any], where: str = "<dict>") -> Cluster:
     if tree.get("schema") != SCHEMA:
         raise UnknownClusterError(f"profile {where} has schema {tree.get('schema')!r}: expected {SCHEMA}")
@@ -129,13 +153,21 @@ def cluster_from_dict(tree: dict[str, Any], where: str = "<dict>") -> Cluster:
         matmul_efficiency=_num(tree, "device.matmul_efficiency", sources, where),
         memory_efficiency=_num(tree, "device.memory_efficiency", sources, where),
     )
+    m_dev, m_intra, m_inter = _measured(tree, where)  # measured: (issue #5)
+    if m_dev is not None:
+        device = replace(device, measured=m_dev)
+    intra, inter = _link(tree, "intra_node", sources, where), _link(tree, "inter_node", sources, where)
+    if m_intra is not None:
+        intra = replace(intra, measured=m_intra)
+    if m_inter is not None:
+        inter = replace(inter, measured=m_inter)
     return Cluster(
         name=str(tree.get("name", where)),
         description=str(tree.get("description", "")),
         device=device,
         devices_per_node=int(_num(tree, "devices_per_node", sources, where)),
-        intra_node=_link(tree, "intra_node", sources, where),
-        inter_node=_link(tree, "inter_node", sources, where),
+        intra_node=intra,
+        inter_node=inter,
         sources=sources,
     )
 

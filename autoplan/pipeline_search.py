@@ -23,8 +23,8 @@ def pipeline_candidates(job: Job, *, max_micro_batch: int = 8, max_stages: int =
     for tp in divisors(job.cluster.devices_per_node):
         if job.devices % tp:
             continue
-        for pp in divisors(layers):
-            if pp > max_stages or (job.devices // tp) % pp:
+        for pp in divisors(job.devices // tp):  # stages may differ by one layer (as Llama 3's 126 layers on 16 stages)
+            if pp > min(max_stages, layers):
                 continue
             dp = job.devices // (tp * pp)
             if job.global_batch % dp or state_bytes / (tp * pp) > budget:
@@ -33,7 +33,7 @@ def pipeline_candidates(job: Job, *, max_micro_batch: int = 8, max_stages: int =
                 if mb > max_micro_batch or (job.global_batch // dp) % mb:
                     continue
                 for v in virtual:
-                    if v > 1 and (pp == 1 or layers % (pp * v)):
+                    if v > 1 and (pp == 1 or pp * v > layers):
                         continue
                     for rc in ("none", "full"):
                         yield EstimateConfig(tp=tp, pp=pp, dp=dp, virtual_stages=v, micro_batch=mb, recompute=rc)

@@ -109,6 +109,7 @@ class Plan:
             },
             "solver": self.data["solver"],
             "unsupported_ops": self.data["model"].get("unsupported_ops", []),
+            "pipeline_alternative": self.data.get("pipeline_alternative"),
         }
 
     def save(self, path: str | Path) -> None:

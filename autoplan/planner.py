@@ -144,7 +144,7 @@ def _layer(module: str) -> str:
 
 
 def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = SearchOptions(),
-              with_baselines: bool = True, force: str | None = None) -> Plan:
+              with_baselines: bool = True, force: str | None = None, pipeline: bool = False) -> Plan:
     """Search, then price the baselines, then write everything into a Plan.
 
     ``force`` ("ddp", "fsdp", "megatron") restricts the plan to one family on ``mesh`` (or on
@@ -175,6 +175,7 @@ def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = Se
             entry["description"] = b.description
             base[b.name] = entry
     ops, params, data_inputs, colls, layers = _ops_and_collectives(job, best)
+    pipe = _pipeline_alternative(job, options, predicted) if pipeline and job.tying.groups else None
     pred = predicted.to_json()
     pred["per_layer"] = layers
     data = {
@@ -201,6 +202,7 @@ def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = Se
         "baselines": base,
         "runners_up": [predict(job, e, budget).to_json() for e in result.evaluated[1:4]],
         "forced": force,
+        "pipeline_alternative": pipe,
         "solver": {
             "name": best.solution.solver, "seconds": best.solution.seconds, "gap": best.solution.gap,
             "search_seconds": result.seconds, "configurations": result.configurations, "solved_with_budget": result.solved,
@@ -208,3 +210,30 @@ def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = Se
         },
     }
     return Plan(data)
+
+
+def _pipeline_alternative(job: Job, options: SearchOptions, predicted: Prediction) -> dict[str, Any]:
+    """The best pipeline configuration (TP x PP x DP, interleaving, recompute), priced by ``estimate``.
+
+    Recorded beside the per-op plan; the runtime does not execute pipeline plans yet.
+    """
+    import time
+    from dataclasses import asdict
+
+    from autoplan.errors import AutoplanError
+    from autoplan.pipeline_search import search_pipeline
+
+    started = time.perf_counter()
+    try:
+        cfg, est, n = search_pipeline(job, dtype=options.dtype, attention=options.attention)
+    except AutoplanError as exc:
+        return {"found": False, "error": str(exc), "seconds": time.perf_counter() - started}
+    return {
+        "found": True,
+        "config": asdict(cfg),
+        "predicted": est.to_json(),
+        "faster_than_plan": est.step_time_s < predicted.step_time_s,
+        "candidates": n,
+        "seconds": time.perf_counter() - started,
+        "executable": False,
+    }

@@ -49,7 +49,7 @@ def test_configuration_arithmetic_errors_show_the_numbers(job):
     with pytest.raises(AutoplanError, match=r"tp\(2\) \* pp\(2\) \* dp\(2\) = 8 != devices\(32\)"):
         estimate(job, EstimateConfig(tp=2, pp=2, dp=2))
     with pytest.raises(AutoplanError, match="layers"):
-        estimate(job, EstimateConfig(tp=2, pp=16, dp=1))
+        estimate(job, EstimateConfig(tp=1, pp=16, dp=2, virtual_stages=1))
 
 
 def test_pipeline_search_finds_a_fitting_configuration_no_slower_than_a_fixed_one(job):

@@ -37,6 +37,10 @@ def latency_steps(kind: str, n: int) -> int:
 def collective_seconds(kind: str, nbytes: float, n: int, link: Link) -> float:
     if n <= 1 or nbytes <= 0:
         return 0.0
+    if link.measured is not None:  # measured: (issue #5) interpolated curve from `autoplan profile`, if it has this kind
+        t = link.measured.seconds(kind, nbytes, n)
+        if t is not None:
+            return t
     factor = 2.0 * (n - 1) / n if kind == "all_reduce" else (n - 1) / n
     return factor * nbytes / link.effective_bytes_per_s + latency_steps(kind, n) * link.latency_s
 

@@ -139,6 +139,11 @@ def _compute_seconds(graph: OpGraph, node: OpNode, batch: int, cluster: Cluster,
     t_flops = flops / (dev.flops_per_s(dtype) * dev.matmul_efficiency)
     bandwidth = dev.memory_bandwidth_bytes_per_s * dev.memory_efficiency
     t_bytes = nbytes / bandwidth
+    if dev.measured is not None:  # measured: (issue #5) curves from `autoplan profile` replace the roofline's rates
+        t_mm, t_mem = dev.measured.matmul_seconds(dtype, flops), dev.measured.memory_seconds(nbytes)
+        t_flops = t_flops if t_mm is None or flops <= 0 else t_mm
+        if t_mem is not None and nbytes > 0:
+            t_bytes, bandwidth = t_mem, nbytes / t_mem
     if node.kind == "sdpa" and attention == "unfused":
         q, k = (graph.nodes[i].out.shape(batch) for i in node.inputs[:2])
         scores = math.prod(q[:-1]) * k[-2] * DTYPE_BYTES.get(dtype, 2)

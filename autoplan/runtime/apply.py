@@ -215,9 +215,17 @@ def _local_cross_entropy(args: list[Any], kwargs: dict[str, Any]) -> DTensor:
     return DTensor.from_local(loss, logits.device_mesh, placements, run_check=False)
 
 
+def _aten_ce_kwargs(rest: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """aten.cross_entropy_loss(self, target, weight, reduction (int), ignore_index, label_smoothing) -> F kwargs."""
+    names = ("weight", "reduction", "ignore_index", "label_smoothing")
+    out = {**dict(zip(names, rest)), **kwargs}
+    out["reduction"] = {0: "none", 1: "mean", 2: "sum"}.get(out.get("reduction", 1), "mean")
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def _is_dropout_noop(node: fx.Node) -> bool:
     p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
-    training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+    training = node.kwargs.get("training", node.kwargs.get("train", node.args[2] if len(node.args) > 2 else True))
     return not training or p == 0.0
 
 
@@ -363,7 +371,7 @@ class ParallelModel:
 
     def shard_inputs(self, *tensors: torch.Tensor) -> list[DTensor]:
         """The same global batch on every rank -> DTensors with the plan's input placements (local chunks)."""
-        names = [n.name for n in self.program.gm.graph.nodes if n.op == "placeholder"]
+        names = [n.name for n in self.program.gm.graph.nodes if n.op == "placeholder" and n.name not in self.program.param_of]
         out = []
         for name, t in zip(names, tensors):
             dst = self.program.inputs.get(name, (DReplicate(),) * self.mesh.ndim)
@@ -372,8 +380,7 @@ class ParallelModel:
 
     # -------------------------------------------------------------------------- forward
 
-    def _value_of_attr(self, node: fx.Node) -> DTensor:
-        qual = str(node.target).removeprefix("model.")
+    def _value_of_attr(self, qual: str) -> DTensor:
         if qual in self.params:
             return self.params[qual]
         if qual in self._buffers:
@@ -426,9 +433,11 @@ class ParallelModel:
             raise AutoplanError(f"module {target} was traced as a leaf: the runtime needs a flat trace")
         if target in (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default):
             return _local_sdpa(list(args), dict(kwargs), op.output if op else ())
-        if target in (F.cross_entropy,) and isinstance(args[0], DTensor):
+        if target is F.cross_entropy and isinstance(args[0], DTensor):
             return _local_cross_entropy(list(args), dict(kwargs))
-        if target in (F.dropout, torch.dropout) and _is_dropout_noop(node):
+        if target is torch.ops.aten.cross_entropy_loss.default and isinstance(args[0], DTensor):
+            return _local_cross_entropy(list(args[:2]), _aten_ce_kwargs(args[2:], kwargs))
+        if target in (F.dropout, torch.dropout, torch.ops.aten.dropout.default) and _is_dropout_noop(node):
             return args[0]
         return target(*args, **kwargs)
 
@@ -477,10 +486,12 @@ class ParallelModel:
         placeholders = iter(inputs)
         prog = self.program
         for node in prog.gm.graph.nodes:
-            if node.op == "placeholder":
+            if node.op == "placeholder" and node.name in prog.param_of:  # torch.export lifts parameters
+                env[node.name] = self._value_of_attr(prog.param_of[node.name])
+            elif node.op == "placeholder":
                 env[node.name] = next(placeholders)
             elif node.op == "get_attr":
-                env[node.name] = self._value_of_attr(node)
+                env[node.name] = self._value_of_attr(str(node.target).removeprefix("model."))
             elif node.op == "output":
                 return fx.node.map_arg(node.args[0], lambda n: env[n.name])
             elif node.name in prog.split_nodes:

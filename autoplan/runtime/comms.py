@@ -103,3 +103,53 @@ def by_kind(records: list[dict[str, Any]]) -> dict[str, int]:
 
 def total_bytes(plan: Plan) -> float:
     return math.fsum(float(c["bytes"]) * int(c.get("per_step", 1)) for c in plan.data["collectives"])
+
+
+def explain(plan: Plan, result: dict[str, Any], constant_nodes: frozenset[str], params: frozenset[str]) -> dict[str, list]:
+    """Sort every difference between planned and issued collectives into known causes.
+
+    * ``tied``: the plan prices a parameter's gradient sync once per consumer edge; the
+      runtime syncs the (summed) gradient of a tied parameter once.
+    * ``not_saved``: the plan prices an FSDP re-gather in backward for every gathered
+      parameter; the runtime re-gathers only those backward reads (not biases, embeddings).
+    * ``no_grad``: the plan prices gradients of values derived from buffers/constants only.
+    * ``smaller``: same edge and collective, fewer bytes issued (the runtime shards a gradient
+      before all-reducing it; the cost model all-reduces first).
+    * ``unexplained``: anything else (missing or extra).
+    """
+    by_src: Counter = Counter(c["src"] for c in plan.data["collectives"] if c["phase"] == "backward"
+                              and c["kind"] in ("all_reduce", "reduce_scatter"))
+    out: dict[str, list] = {"tied": [], "not_saved": [], "no_grad": [], "smaller": [], "unexplained": []}
+    extra = [list(e) for e in result["extra"]]
+    for m in result["missing"]:
+        phase, kind, axis, nbytes, src, dst, n = m
+        twin = next((e for e in extra if e[:3] == [phase, kind, axis] and e[4:6] == [src, dst] and e[3] < nbytes), None)
+        if twin is not None:
+            out["smaller"].append([m, twin])
+            twin[6] -= n
+            if twin[6] <= 0:
+                extra.remove(twin)
+        elif src in constant_nodes:
+            out["no_grad"].append(m)
+        elif phase == "backward" and kind == "all_gather" and src in params:
+            out["not_saved"].append(m)
+        elif phase == "backward" and kind in ("all_reduce", "reduce_scatter") and src in params and by_src[src] > 1:
+            out["tied"].append(m)
+        else:
+            out["unexplained"].append(m)
+    out["unexplained"] += [["extra", *e] for e in extra]
+    return out
+
+
+def check_step(pm: Any, *tensors: Any) -> dict[str, Any]:
+    """Run one planned forward+backward under the recorder; the comparison and its explanation."""
+    rec = CollectiveRecorder(pm.mesh, pm.trace)
+    with rec:
+        loss = pm.forward_backward(*tensors)
+    graph = pm.program.graph
+    result = compare(pm.plan, rec.records)
+    params = frozenset(n for n, node in graph.nodes.items() if node.kind == "param")
+    result["explained"] = explain(pm.plan, result, graph.constant_derived(), params)
+    result["by_kind"] = by_kind(rec.records)
+    result["loss"] = loss
+    return result

@@ -97,7 +97,7 @@ def _rank0() -> bool:
 
 def step_line(step: int, steps: int, loss: float, seconds: float, tokens: int, predicted: float) -> str:
     ratio = seconds / predicted if predicted > 0 else math.nan
-    return (f"step {step:>5}/{steps}  loss {loss:.4f}  step {seconds * 1e3:8.1f} ms  {tokens / seconds:10.0f} tok/s  "
+    return (f"step {step:>5}/{steps}  loss {loss:.6f}  step {seconds * 1e3:8.1f} ms  {tokens / seconds:10.0f} tok/s  "
             f"measured/predicted {ratio:.2f}x")
 
 

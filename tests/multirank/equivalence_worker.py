@@ -1,7 +1,8 @@
 """Run by torchrun (4 ranks): planned runs vs one process, and planned vs issued collectives.
 
 usage: python -m torch.distributed.run --standalone --nproc-per-node 4 equivalence_worker.py OUT.json CASES
-CASES: comma-separated model:family[:mesh] (family ddp|fsdp|megatron|auto; mesh like dp=2+tp=2).
+CASES: comma-separated model:family[:mesh[:micro_batches]] (family ddp|fsdp|megatron|auto; mesh like
+dp=2+tp=2). Models: zoo names, or hf-gpt2 / hf-llama (transformers).
 Rank 0 writes a JSON report: per case, gradient / loss / parameter relative errors and the
 collectives comparison.
 """
@@ -24,12 +25,29 @@ def build(name: str):
     if name.startswith("hf-"):
         from tests_hf_models import build_hf  # type: ignore[import-not-found]
 
-        return build_hf(name)
+        model, example = build_hf(name)
+        return model, example
     import autoplan.models as zoo
 
     spec = zoo.resolve_model(name)
     torch.manual_seed(0)
     return spec.build(), None
+
+
+def sgd_check(model_name: str, plan, batch) -> float:
+    """Gradient scale check beyond Adam: one SGD step, planned vs one process (max relative param error)."""
+    from autoplan.capture import loss_from_output
+    from autoplan.runtime import apply
+
+    model, _ = build(model_name)
+    ref = copy.deepcopy(model)
+    pm = apply(model, plan, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.5))
+    pm.train_step(*batch)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    loss_from_output(ref(batch[0]), batch[1], True).backward()
+    opt.step()
+    full = pm.full_state_dict()
+    return max(rel(full[n], p.detach()) for n, p in ref.named_parameters())
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -40,21 +58,24 @@ def run_case(case: str, batches, seq: int) -> dict:
     import autoplan
     from autoplan.capture import loss_from_output
     from autoplan.runtime import apply
-    from autoplan.runtime.comms import CollectiveRecorder, by_kind, compare
+    from autoplan.runtime.comms import check_step
 
     parts = case.split(":")
     name, family = parts[0], parts[1]
-    mesh = parts[2].replace("+", ",") if len(parts) > 2 else None
+    mesh = parts[2].replace("+", ",") if len(parts) > 2 and parts[2] else None
+    micro = [int(parts[3])] if len(parts) > 3 else None
     model, example = build(name)
     ref = copy.deepcopy(model)
     force = None if family == "auto" else family
     t0 = time.perf_counter()
     if example is None:
         plan = autoplan.plan(name, cluster="cpu", devices=dist.get_world_size(), global_batch=batches[0][0].shape[0],
-                             seq_len=seq, baselines=False, force=force, mesh=mesh, dtype="fp32")
+                             seq_len=seq, baselines=False, force=force, mesh=mesh, dtype="fp32",
+                             micro_batches=micro)
     else:
         plan = autoplan.plan(model, (example,), cluster="cpu", devices=dist.get_world_size(),
-                             global_batch=batches[0][0].shape[0], baselines=False, force=force, mesh=mesh, dtype="fp32")
+                             global_batch=batches[0][0].shape[0], baselines=False, force=force, mesh=mesh, dtype="fp32",
+                             targets=torch.zeros(2, seq, dtype=torch.long), micro_batches=micro)
     plan_s = time.perf_counter() - t0
     pm = apply(model, plan, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3), example_inputs=(example,) if example is not None else None)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
@@ -63,11 +84,9 @@ def run_case(case: str, batches, seq: int) -> dict:
     losses, ref_losses = [], []
     for step, (x, y) in enumerate(batches):
         if step == 0:
-            rec = CollectiveRecorder(pm.mesh, pm.trace)
-            with rec:
-                loss_dt = pm.forward_backward(x, y)
-            out["collectives"] = compare(plan, rec.records)
-            out["issued_by_kind"] = by_kind(rec.records)
+            checked = check_step(pm, x, y)
+            loss_dt = checked.pop("loss")
+            out["collectives"] = checked
             grads = pm.full_grads()
             loss = float(loss_dt.full_tensor())
             pm.optimizer.step()
@@ -90,6 +109,8 @@ def run_case(case: str, batches, seq: int) -> dict:
     out["param_rel"] = max(rel(full[n], p.detach()) for n, p in ref.named_parameters())
     out["param_abs"] = max(float((full[n] - p.detach()).abs().max()) for n, p in ref.named_parameters())
     out["unplanned"] = pm.unplanned
+    if example is None:
+        out["sgd_param_rel"] = sgd_check(name, plan, batches[0])
     return out
 
 

@@ -1,0 +1,249 @@
+"""Measured curves: monotone smoothing, log-space interpolation, and the tables the cost model reads.
+
+A *curve* is a list of (size, achieved rate) points measured by ``autoplan profile``: bytes and
+bus bandwidth for a collective, FLOPs and FLOP/s for a matmul, bytes and bytes/s for a copy.
+Measurements are noisy, so a curve is smoothed before use:
+
+1. the rates are made non-decreasing in size by isotonic regression (pool-adjacent-violators, on
+   log(rate)): a larger message never gets a lower bus bandwidth than a smaller one, and the
+   rate stays at its plateau once reached (a noisy dip at large sizes is averaged into the
+   plateau rather than kept);
+2. the implied times (size / rate) are made non-decreasing too (a larger message never takes
+   less time); this keeps the rates non-decreasing.
+
+Between measured sizes, log(time) is interpolated linearly in log(size) (equivalently log(rate)).
+Below the smallest size the time is that of the smallest (a latency floor); above the largest
+it grows affinely with the *incremental* rate of the last two points (clipped to be no slower
+than the plateau rate), so that the cost model's affine fit in the batch size (see
+``autoplan.cost.model._fit``) recovers a slope of 1/plateau and an intercept near the latency.
+
+Tables are immutable and hashable: a ``Link`` carrying them is a key of the cost model's
+``lru_cache`` s, so two profiles with the same analytic numbers and different curves never
+share cached prices. This module imports nothing heavier than ``math``, because
+``autoplan.hardware`` imports it.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
+
+
+def bus_factor(kind: str, n: int) -> float:
+    """Bytes through each device per byte of buffer (nccl-tests' busbw convention)."""
+    if kind == "send_recv":
+        return 1.0
+    if n <= 1:
+        return 0.0
+    return 2.0 * (n - 1) / n if kind == "all_reduce" else (n - 1) / n
+
+
+def isotonic_increasing(values: Sequence[float], weights: Sequence[float] | None = None) -> list[float]:
+    """Least-squares non-decreasing fit (pool adjacent violators)."""
+    w = list(weights) if weights is not None else [1.0] * len(values)
+    blocks: list[list[float]] = []  # [mean, weight, count]
+    for v, wi in zip(values, w):
+        blocks.append([float(v), float(wi), 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, w2, c2 = blocks.pop()
+            m1, w1, c1 = blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
+    out: list[float] = []
+    for m, _, c in blocks:
+        out.extend([m] * c)
+    return out
+
+
+def smooth(sizes: Sequence[float], rates: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Sorted, de-duplicated sizes and monotone rates (see the module docstring)."""
+    pts: dict[float, list[float]] = {}
+    for s, r in zip(sizes, rates):
+        if s > 0 and r > 0 and math.isfinite(s) and math.isfinite(r):
+            pts.setdefault(float(s), []).append(float(r))
+    if not pts:
+        raise ValueError("a measured curve needs at least one point with positive size and rate")
+    xs = sorted(pts)
+    # several measurements at one size: their geometric mean, weighted by count
+    logs = [sum(math.log(r) for r in pts[x]) / len(pts[x]) for x in xs]
+    iso = isotonic_increasing(logs, [len(pts[x]) for x in xs])
+    rs = [math.exp(v) for v in iso]
+    times = [x / r for x, r in zip(xs, rs)]
+    for i in range(1, len(times)):
+        times[i] = max(times[i], times[i - 1])
+    rs = [x / t for x, t in zip(xs, times)]
+    return tuple(xs), tuple(rs)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A smoothed curve: ``sizes`` ascending, ``rates`` non-decreasing, times non-decreasing."""
+
+    sizes: tuple[float, ...]
+    rates: tuple[float, ...]
+
+    @classmethod
+    def from_points(cls, sizes: Iterable[float], rates: Iterable[float]) -> "Curve":
+        xs, rs = smooth(list(sizes), list(rates))
+        return cls(xs, rs)
+
+    @property
+    def plateau(self) -> float:
+        return self.rates[-1]
+
+    def _tail_slope(self) -> float:
+        """Seconds per unit of size beyond the largest measured size."""
+        xs, rs = self.sizes, self.rates
+        plateau_slope = 1.0 / rs[-1]
+        if len(xs) < 2:
+            return plateau_slope
+        t1, t2 = xs[-2] / rs[-2], xs[-1] / rs[-1]
+        inc = (t2 - t1) / (xs[-1] - xs[-2])
+        return min(max(inc, 0.0), plateau_slope) if inc > 0 else plateau_slope
+
+    def seconds(self, size: float) -> float:
+        """Time to process ``size`` units (bytes, FLOPs) at the measured rates."""
+        if size <= 0:
+            return 0.0
+        xs, rs = self.sizes, self.rates
+        if size <= xs[0]:
+            return xs[0] / rs[0]  # latency floor: nothing smaller was measured
+        if size >= xs[-1]:
+            return xs[-1] / rs[-1] + (size - xs[-1]) * self._tail_slope()
+        i = bisect.bisect_right(xs, size)
+        x0, x1 = xs[i - 1], xs[i]
+        lt0, lt1 = math.log(x0 / rs[i - 1]), math.log(x1 / rs[i])
+        f = (math.log(size) - math.log(x0)) / (math.log(x1) - math.log(x0))
+        return math.exp(lt0 + f * (lt1 - lt0))
+
+    def rate(self, size: float) -> float:
+        t = self.seconds(size)
+        return size / t if t > 0 else self.rates[0]
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"sizes": list(self.sizes), "rates": list(self.rates)}
+
+
+def _curve_from_yaml(tree: Any, size_key: str, rate_key: str, where: str) -> Curve:
+    if not isinstance(tree, dict) or size_key not in tree or rate_key not in tree:
+        raise ValueError(f"{where} needs lists {size_key} and {rate_key}")
+    sizes, rates = tree[size_key], tree[rate_key]
+    if len(sizes) != len(rates) or not sizes:
+        raise ValueError(f"{where}: {size_key} and {rate_key} must be non-empty lists of equal length")
+    return Curve.from_points([float(s) for s in sizes], [float(r) for r in rates])
+
+
+@dataclass(frozen=True)
+class LinkTables:
+    """Measured collectives of one link: ``curves[(kind, group size)]`` = bus bandwidth vs buffer bytes."""
+
+    curves: tuple[tuple[tuple[str, int], Curve], ...]
+    source: str = ""
+
+    def get(self, kind: str, n: int) -> tuple[int, Curve] | None:
+        """The curve for ``kind`` at group size ``n``, else the one at the nearest measured size."""
+        cands = [(gn, c) for (k, gn), c in self.curves if k == kind]
+        if not cands:
+            return None
+        exact = [x for x in cands if x[0] == n]
+        if exact:
+            return exact[0]
+        return min(cands, key=lambda x: (abs(math.log(x[0]) - math.log(max(n, 1))), -x[0]))
+
+    def seconds(self, kind: str, nbytes: float, n: int) -> float | None:
+        """Time of one collective of ``nbytes`` per device over ``n`` ranks, or None if not measured.
+
+        Curves store bus bandwidth against the buffer size at the measured group size ``m``; at
+        another size ``n`` the buffer with the same bus bytes at ``m`` is looked up (ring
+        algorithms: equal bus bytes take equal time), and its time is used.
+        """
+        if n <= 1 or nbytes <= 0:
+            return 0.0
+        got = self.get(kind, n)
+        if got is None:
+            return None
+        _, curve = got
+        return curve.seconds(nbytes * bus_factor(kind, n))
+
+    def kinds(self) -> list[str]:
+        return sorted({k for (k, _), _ in self.curves})
+
+
+def link_tables_from_yaml(tree: Any, where: str) -> LinkTables | None:
+    """``measured.links.<link>`` of a profile: {source:, collectives: {kind: {group_size: {bytes:, bus_bytes_per_s:}}}}."""
+    if not tree:
+        return None
+    colls = tree.get("collectives", {}) if isinstance(tree, dict) else {}
+    curves = []
+    for kind, by_n in sorted(colls.items()):
+        if not isinstance(by_n, dict):
+            raise ValueError(f"{where}.collectives.{kind} must map group size -> curve")
+        for n, pts in sorted(by_n.items(), key=lambda kv: int(kv[0])):
+            if isinstance(pts, dict) and pts.get("unsupported"):
+                continue
+            c = _curve_from_yaml(pts, "bytes", "bus_bytes_per_s", f"{where}.collectives.{kind}.{n}")
+            # stored on bus bytes so that curve.seconds(bus_bytes) is the time
+            f = bus_factor(kind, int(n))
+            c = Curve.from_points([s * f for s in c.sizes], c.rates) if f > 0 else c
+            curves.append(((str(kind), int(n)), c))
+    if not curves:
+        return None
+    return LinkTables(tuple(curves), str(tree.get("source", "")))
+
+
+@dataclass(frozen=True)
+class DeviceTables:
+    """Measured device curves: matmul FLOP/s vs FLOPs per dtype, copy bytes/s vs bytes."""
+
+    matmul: tuple[tuple[str, Curve], ...]
+    memory: Curve | None
+    source: str = ""
+
+    def matmul_seconds(self, dtype: str, flops: float) -> float | None:
+        for d, c in self.matmul:
+            if d == dtype:
+                return c.seconds(flops)
+        return None
+
+    def memory_seconds(self, nbytes: float) -> float | None:
+        return None if self.memory is None else self.memory.seconds(nbytes)
+
+
+def device_tables_from_yaml(tree: Any, where: str) -> DeviceTables | None:
+    """``measured.device``: {source:, matmul: {dtype: {flops:, flops_per_s:}}, memory: {bytes:, bytes_per_s:}}."""
+    if not tree:
+        return None
+    mm = tuple(
+        (str(d), _curve_from_yaml(c, "flops", "flops_per_s", f"{where}.matmul.{d}"))
+        for d, c in sorted((tree.get("matmul") or {}).items())
+    )
+    mem_tree = tree.get("memory")
+    mem = _curve_from_yaml(mem_tree, "bytes", "bytes_per_s", f"{where}.memory") if mem_tree else None
+    if not mm and mem is None:
+        return None
+    return DeviceTables(mm, mem, str(tree.get("source", "")))
+
+
+def source_of(cluster: Any) -> str:
+    """"measured" if the cluster's cost model uses measured curves (device or any link), else "analytic"."""
+    dev = getattr(getattr(cluster, "device", None), "measured", None)
+    links = [getattr(cluster, "intra_node", None), getattr(cluster, "inter_node", None)]
+    if dev is not None or any(getattr(l, "measured", None) is not None for l in links):
+        return "measured"
+    return "analytic"
+
+
+def describe_sources(cluster: Any) -> dict[str, str]:
+    """Which curves a plan was priced with: per part, "measured" or "analytic" (for the plan JSON)."""
+    dev = getattr(cluster.device, "measured", None)
+    out = {
+        "matmul": "measured" if dev is not None and dev.matmul else "analytic",
+        "memory": "measured" if dev is not None and dev.memory is not None else "analytic",
+    }
+    for name in ("intra_node", "inter_node"):
+        t = getattr(getattr(cluster, name), "measured", None)
+        out[name] = "measured" if t is not None else "analytic"
+    out["overall"] = source_of(cluster)
+    return out
