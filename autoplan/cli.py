@@ -1,36 +1,16 @@
 """The ``autoplan`` command line. Every error is one line on stderr and exit code 2."""
 from __future__ import annotations
 
-import functools
 import json
-import os
-import sys
-from typing import Any, Callable
+from typing import Any
 
 import click
 
+from autoplan.clitools import fail_cleanly
 from autoplan.errors import AutoplanError
 
 
-def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except AutoplanError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-        except Exception as exc:  # noqa: BLE001 - a bug: one line unless asked for the traceback
-            if os.environ.get("AUTOPLAN_DEBUG"):
-                raise
-            first = (str(exc).splitlines() or [""])[0][:200]
-            click.echo(f"internal error: {type(exc).__name__}: {first} (set AUTOPLAN_DEBUG=1 for the traceback)", err=True)
-            sys.exit(1)
-
-    return wrapper
+_fail_cleanly = fail_cleanly
 
 
 def fmt_bytes(n: float | None) -> str:

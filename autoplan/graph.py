@@ -346,7 +346,7 @@ def forward_flops(graph: OpGraph, node: OpNode, batch: int) -> float:
         return 2.0 * out * (w[1] if groups else w[1]) * w[2] * w[3]
     if node.kind == "sdpa":
         q, k = ins[0].shape(batch), ins[1].shape(batch)
-        b, h, t, d = q[0], q[-3] if len(q) >= 3 else 1, q[-2], q[-1]
+        t, d = q[-2], q[-1]
         return 4.0 * math.prod(q[:-2]) * t * k[-2] * d  # QK^T and AV (no causal discount, as Megatron counts)
     if node.kind in ("layer_norm", "rms_norm", "softmax", "cross_entropy"):
         return 5.0 * ins[0].numel(batch) if ins else float(out)

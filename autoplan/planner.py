@@ -107,7 +107,7 @@ def _ops_and_collectives(job: Job, ev: Evaluated) -> tuple[list, dict, dict, lis
     m = cfg.micro_batches
     for u, v, data in graph.dag.edges(data=True):
         pos = data["index"]
-        src, dst = graph.nodes[u], graph.nodes[v]
+        src = graph.nodes[u]
         fwd, bwd = edge_collectives(src, chosen[u], chosen[v], pos, cfg.micro_batch, mesh, cfg.dtype)
         regather = fwd if src.kind == "param" else ()  # FSDP reshards after forward: gathers again in backward
         for phase, cs in (("forward", fwd), ("backward", regather), ("backward", bwd)):
