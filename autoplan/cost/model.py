@@ -165,8 +165,26 @@ class Linear:
         return self.slope * batch + self.intercept
 
 
-def _fit(f) -> Linear:
-    """Fit f(batch) (bytes and FLOPs are proportional to the batch, latencies constant) from two points."""
+class Exact:
+    """A cost evaluated at each micro-batch it is asked for (measured curves are not affine)."""
+
+    def __init__(self, f):
+        self._f = f
+        self._memo: dict[int, np.ndarray] = {}
+
+    def at(self, batch: int) -> np.ndarray:
+        if batch not in self._memo:
+            self._memo[batch] = np.asarray(self._f(batch), dtype=np.float64)
+        return self._memo[batch]
+
+
+def _fit(f, exact: bool = False) -> Linear | Exact:
+    """Fit f(batch) (bytes and FLOPs are proportional to the batch, latencies constant) from two points.
+
+    ``exact``: evaluate f at every micro-batch instead (profiles with measured, non-affine curves).
+    """
+    if exact:
+        return Exact(f)
     g = GENERIC_BATCH
     v1, v2 = np.asarray(f(g), dtype=np.float64), np.asarray(f(2 * g), dtype=np.float64)
     slope = (v2 - v1) / g
@@ -182,9 +200,9 @@ class EdgeTerms:
     param: bool  # the producer is a parameter
     consumers: int  # ops that read the producer (parameters: their gradient is reduced once)
     redo: bool  # consumer is in a recomputed block (its forward resharding runs twice)
-    fwd: Linear  # (k_u, k_v) matrices, seconds per micro-batch
-    bwd: Linear
-    bwd_reduce: Linear  # the all-reduce part of bwd
+    fwd: Linear | Exact  # (k_u, k_v) matrices, seconds per micro-batch
+    bwd: Linear | Exact
+    bwd_reduce: Linear | Exact  # the all-reduce part of bwd
 
 
 @dataclass
@@ -194,11 +212,11 @@ class MeshPricing:
     mesh: Mesh
     reps: list[str]
     strategies: list[tuple[Strategy, ...]]
-    fwd_compute: list[Linear]  # forward compute seconds per strategy (divided by its compute divisor)
-    internal: list[Linear]  # forward collectives the op issues itself
+    fwd_compute: list[Linear | Exact]  # forward compute seconds per strategy (divided by its compute divisor)
+    internal: list[Linear | Exact]  # forward collectives the op issues itself
     optimizer_s: list[np.ndarray]
     param_bytes: list[np.ndarray]
-    act_bytes: list[Linear]
+    act_bytes: list[Linear | Exact]
     batch_constraints: list[list[tuple[tuple[int, int], ...]]]  # per strategy: (base, factor) of each sharded batch dim
     edges: list[EdgeTerms]
 
@@ -224,6 +242,8 @@ def price_mesh(graph: OpGraph, tying: Tying, mesh: Mesh, cluster: Cluster, dtype
     dev = cluster.device
     mp = MeshPricing(mesh, reps, [], [], [], [], [], [], [], [])
     pinned = graph.constant_derived()
+    # measured curves (autoplan profile) are not affine in the batch: price each micro-batch exactly
+    exact = getattr(cluster.device, "measured", None) is not None or any(getattr(l, "measured", None) is not None for l in links)
     for name in reps:
         node = graph.nodes[name]
         strats = node_strategies(graph, node, mesh, GENERIC_BATCH)
@@ -231,7 +251,7 @@ def price_mesh(graph: OpGraph, tying: Tying, mesh: Mesh, cluster: Cluster, dtype
             strats = tuple(s for s in strats if all(isinstance(p, Replicate) for p in s.out)) or strats
         mp.strategies.append(strats)
         divs = np.array([s.compute_divisor for s in strats], dtype=np.float64)
-        mp.fwd_compute.append(_fit(lambda b: _compute_seconds(graph, node, b, cluster, dtype, attention) / divs))
+        mp.fwd_compute.append(_fit(lambda b, node=node, divs=divs: _compute_seconds(graph, node, b, cluster, dtype, attention) / divs, exact))
         shapes = [node] + [graph.nodes[i] for i in node.inputs]
 
         def internal(b, strats=strats, node=node):
@@ -240,7 +260,7 @@ def price_mesh(graph: OpGraph, tying: Tying, mesh: Mesh, cluster: Cluster, dtype
                 seconds(tuple(Collective(k, a, nb * scale) for k, a, nb in s.comm), mesh.shape, links) for s in strats
             ])
 
-        mp.internal.append(_fit(internal))
+        mp.internal.append(_fit(internal, exact))
         eb = elem_bytes(node, dtype)
         local1 = np.array([_local_numel(node.out.shape(1), s.out, mesh.shape) for s in strats])
         if node.kind == "param":
@@ -263,7 +283,7 @@ def price_mesh(graph: OpGraph, tying: Tying, mesh: Mesh, cluster: Cluster, dtype
     for (ru, rv, pos), w in weights.items():
         u, v = graph.nodes[ru], graph.nodes[rv]
         su, sv = mp.strategies[index[ru]], mp.strategies[index[rv]]
-        fwd, bwd, red = _edge_terms(u, pos, su, sv, mesh, links, dtype)
+        fwd, bwd, red = _edge_terms(u, pos, su, sv, mesh, links, dtype, exact)
         consumers = graph.dag.out_degree(ru) if u.kind == "param" else 1
         mp.edges.append(EdgeTerms(index[ru], index[rv], pos, w, u.kind == "param", consumers,
                                   recompute_blocks and rv in tying.in_block, fwd, bwd, red))
@@ -335,7 +355,7 @@ def _unique(items: list) -> tuple[list, np.ndarray]:
     return list(pos), idx
 
 
-def _edge_terms(u: OpNode, pos: int, su, sv, mesh: Mesh, links, dtype: str) -> tuple[Linear, Linear, Linear]:
+def _edge_terms(u: OpNode, pos: int, su, sv, mesh: Mesh, links, dtype: str, exact: bool = False) -> tuple:
     """Forward resharding, backward gradient resharding and its all-reduce part, per strategy pair."""
     eb = elem_bytes(u, dtype)
     grads = differentiable(u)
@@ -353,7 +373,9 @@ def _edge_terms(u: OpNode, pos: int, su, sv, mesh: Mesh, links, dtype: str) -> t
                     res[1, a, k], res[2, a, k] = _move_seconds(shape, eb, grad, back, mesh.shape, links)
         return res[:, ui][:, :, vi]
 
-    fit = _fit(matrices)
+    fit = _fit(matrices, exact)
+    if isinstance(fit, Exact):
+        return tuple(Exact(lambda b, i=i: fit.at(b)[i]) for i in range(3))  # type: ignore[return-value]
     return tuple(Linear(fit.slope[i], fit.intercept[i]) for i in range(3))  # type: ignore[return-value]
 
 

@@ -32,7 +32,7 @@ def min_memory(p: Problem) -> float:
     return total
 
 
-def lagrangian(p: Problem, iterations: int = 40) -> tuple[list[int] | None, float]:
+def lagrangian(p: Problem, iterations: int = 24) -> tuple[list[int] | None, float]:
     """(cheapest fitting choice found, best lower bound) for a budgeted problem."""
     assert p.mem_budget is not None
     room = p.mem_budget - p.mem_offset
