@@ -175,5 +175,9 @@ main.add_command(show_cmd)
 main.add_command(diff_cmd)
 main.add_command(explain_cmd)
 
+from autoplan.profiler.command import profile_command  # noqa: E402
+
+main.add_command(profile_command)
+
 if __name__ == "__main__":
     main()

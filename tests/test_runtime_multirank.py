@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,7 +55,8 @@ def test_planned_run_matches_one_process(report, case):
     assert r["grad_rel"] < 1e-5, r  # every full gradient of step 1, relative to its norm
     assert r["loss_rel"] < 1e-5, r  # losses of 3 AdamW steps
     assert r["param_abs"] < 1e-4, r  # every parameter after them (max abs difference)
-    assert r["sgd_param_rel"] < 1e-5, r  # one SGD step: gradients are averaged, not summed
+    if "sgd_param_rel" in r:
+        assert r["sgd_param_rel"] < 1e-5, r  # one SGD step: gradients are averaged, not summed
     assert not r["grads_missing"]
     assert not r["unplanned"], r["unplanned"]  # every op produced the planned placement
 
@@ -102,37 +104,47 @@ def test_train_cli_checkpoint_kill_resume_reshard(tmp_path):
                   mesh="tp=2", dtype="fp32").save(tp2)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    # 1. 22 uninterrupted steps on 4 ranks: the loss falls on the learnable stream
-    full = subprocess.run(train_cli(str(fsdp4), "--model", "gpt-tiny", "--steps", "22", "--checkpoint-dir",
+    # 1. 20 uninterrupted steps on 4 ranks: the loss falls on the learnable stream
+    full = subprocess.run(train_cli(str(fsdp4), "--model", "gpt-tiny", "--steps", "20", "--checkpoint-dir",
                                     str(tmp_path / "a"), "--checkpoint-every", "10"),
                           capture_output=True, text=True, env=env, timeout=300)
     assert full.returncode == 0, full.stderr[-3000:]
     ref = losses(full.stdout)
-    assert sorted(ref) == list(range(1, 23))
-    assert sum(list(ref.values())[-3:]) / 3 < ref[1] - 0.5, ref
+    assert sorted(ref) == list(range(1, 21))
+    assert sum(ref[k] for k in (18, 19, 20)) / 3 < ref[1] - 0.5, ref
     assert "tok/s" in full.stdout and "measured/predicted" in full.stdout
 
     # 2. killed after the step-10 checkpoint, restarted: continues at step 11 with the same losses
     ck = tmp_path / "b"
-    proc = subprocess.Popen(train_cli(str(fsdp4), "--model", "gpt-tiny", "--steps", "22", "--checkpoint-dir", str(ck),
+    proc = subprocess.Popen(train_cli(str(fsdp4), "--model", "gpt-tiny", "--steps", "20", "--checkpoint-dir", str(ck),
                                       "--checkpoint-every", "5"),
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
     deadline = time.time() + 240
     while not (ck / "step-00000010" / "COMPLETE").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    again = subprocess.run(train_cli(str(fsdp4), "--model", "gpt-tiny", "--steps", "22", "--checkpoint-dir", str(ck)),
+    os.killpg(proc.pid, signal.SIGTERM)  # torchrun's agent forwards it to the ranks (their own sessions)
+    proc.wait(timeout=60)
+    assert (ck / "step-00000010" / "COMPLETE").exists()
+    for late in ck.glob("step-*"):  # a run killed later than step 10: keep the step-10 state only
+        if late.name > "step-00000010":
+            shutil.rmtree(late)
+    (ck / ".tmp-step-00000015").mkdir(exist_ok=True)  # a half-written checkpoint is never loaded
+    (ck / "step-00000016").mkdir(exist_ok=True)  # nor one without its completion marker
+    again = subprocess.run(train_cli(str(fsdp4), "--model", "gpt-tiny", "--steps", "14", "--checkpoint-dir", str(ck)),
                            capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = losses(again.stdout)
-    first = min(resumed)
-    assert first > 10 and "resumed from step" in again.stdout
+    assert sorted(resumed) == [11, 12, 13, 14] and "resumed from step 10" in again.stdout
     for step, value in resumed.items():
         assert abs(value - ref[step]) <= 1e-5 * abs(ref[step]), (step, value, ref[step])
 
-    # 3. the 4-rank FSDP checkpoint of step 20 resumed by a 2-rank tensor-parallel plan (resharded)
-    two = subprocess.run(train_cli(str(tp2), "--model", "gpt-tiny", "--steps", "22", "--checkpoint-dir",
-                                   str(tmp_path / "a")), capture_output=True, text=True, env=env, timeout=300)
+    # 3. the 4-rank FSDP checkpoint of step 10 resumed by a 2-rank tensor-parallel plan (resharded on load)
+    shutil.copytree(tmp_path / "a" / "step-00000010", tmp_path / "c" / "step-00000010")
+    two = subprocess.run(train_cli(str(tp2), "--model", "gpt-tiny", "--steps", "12", "--checkpoint-dir",
+                                   str(tmp_path / "c")), capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "resumed from step 22" in two.stdout or "resumed from step 20" in two.stdout
+    assert "resumed from step 10" in two.stdout
+    moved = losses(two.stdout)
+    assert sorted(moved) == [11, 12]
+    for step, value in moved.items():
+        assert abs(value - ref[step]) <= 1e-5 * abs(ref[step]), (step, value, ref[step])

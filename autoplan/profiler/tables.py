@@ -5,17 +5,22 @@ bus bandwidth for a collective, FLOPs and FLOP/s for a matmul, bytes and bytes/s
 Measurements are noisy, so a curve is smoothed before use:
 
 1. the rates are made non-decreasing in size by isotonic regression (pool-adjacent-violators, on
-   log(rate)): a larger message never gets a lower bus bandwidth than a smaller one, and the
-   rate stays at its plateau once reached (a noisy dip at large sizes is averaged into the
-   plateau rather than kept);
+   log(rate), each point weighted by its size): a larger message never gets a lower bus
+   bandwidth than a smaller one, and the rate stays at its plateau once reached. Where caches
+   make mid sizes faster than large ones (CPU copies, gloo on loopback), the pooled plateau is
+   dominated by the large sizes, which are the less noisy measurements and the ones that cost;
 2. the implied times (size / rate) are made non-decreasing too (a larger message never takes
    less time); this keeps the rates non-decreasing.
 
 Between measured sizes, log(time) is interpolated linearly in log(size) (equivalently log(rate)).
-Below the smallest size the time is that of the smallest (a latency floor); above the largest
-it grows affinely with the *incremental* rate of the last two points (clipped to be no slower
-than the plateau rate), so that the cost model's affine fit in the batch size (see
-``autoplan.cost.model._fit``) recovers a slope of 1/plateau and an intercept near the latency.
+Below the smallest size the time is that of the smallest (a latency floor). Above the largest
+size x_L the time is ``x / plateau + floor_s * min(1, (x - x_L) / x_L)``: continuous at x_L and,
+from 2 x_L on, affine with slope 1/plateau and intercept ``floor_s``. ``floor_s`` is the fixed
+cost of one call: the smallest measured time for a collective (its latency), 0 for compute and
+copies (whose smallest measured size is not latency-bound). The cost model fits every cost as
+affine in the batch at a very large batch (``autoplan.cost.model._fit``), so batch-proportional
+collectives and ops see the plateau rate plus that intercept; costs that do not grow with the
+batch (gradient all-reduces, FSDP gathers: parameter-sized) see the curve at their true size.
 
 Tables are immutable and hashable: a ``Link`` carrying them is a key of the cost model's
 ``lru_cache`` s, so two profiles with the same analytic numbers and different curves never
@@ -66,9 +71,11 @@ def smooth(sizes: Sequence[float], rates: Sequence[float]) -> tuple[tuple[float,
     if not pts:
         raise ValueError("a measured curve needs at least one point with positive size and rate")
     xs = sorted(pts)
-    # several measurements at one size: their geometric mean, weighted by count
+    # several measurements at one size: their geometric mean. Points are weighted by size: a
+    # large measurement lasts longer (less relative noise) and stands for more of a step's time,
+    # so when caches make mid sizes faster than large ones, the plateau follows the large sizes.
     logs = [sum(math.log(r) for r in pts[x]) / len(pts[x]) for x in xs]
-    iso = isotonic_increasing(logs, [len(pts[x]) for x in xs])
+    iso = isotonic_increasing(logs, [x * len(pts[x]) for x in xs])
     rs = [math.exp(v) for v in iso]
     times = [x / r for x, r in zip(xs, rs)]
     for i in range(1, len(times)):
@@ -83,25 +90,16 @@ class Curve:
 
     sizes: tuple[float, ...]
     rates: tuple[float, ...]
+    floor_s: float = 0.0  # fixed cost per call kept beyond the largest size (a collective's latency)
 
     @classmethod
-    def from_points(cls, sizes: Iterable[float], rates: Iterable[float]) -> "Curve":
+    def from_points(cls, sizes: Iterable[float], rates: Iterable[float], *, latency_floor: bool = False) -> "Curve":
         xs, rs = smooth(list(sizes), list(rates))
-        return cls(xs, rs)
+        return cls(xs, rs, xs[0] / rs[0] if latency_floor else 0.0)
 
     @property
     def plateau(self) -> float:
         return self.rates[-1]
-
-    def _tail_slope(self) -> float:
-        """Seconds per unit of size beyond the largest measured size."""
-        xs, rs = self.sizes, self.rates
-        plateau_slope = 1.0 / rs[-1]
-        if len(xs) < 2:
-            return plateau_slope
-        t1, t2 = xs[-2] / rs[-2], xs[-1] / rs[-1]
-        inc = (t2 - t1) / (xs[-1] - xs[-2])
-        return min(max(inc, 0.0), plateau_slope) if inc > 0 else plateau_slope
 
     def seconds(self, size: float) -> float:
         """Time to process ``size`` units (bytes, FLOPs) at the measured rates."""
@@ -111,7 +109,7 @@ class Curve:
         if size <= xs[0]:
             return xs[0] / rs[0]  # latency floor: nothing smaller was measured
         if size >= xs[-1]:
-            return xs[-1] / rs[-1] + (size - xs[-1]) * self._tail_slope()
+            return size / rs[-1] + self.floor_s * min(1.0, (size - xs[-1]) / xs[-1])
         i = bisect.bisect_right(xs, size)
         x0, x1 = xs[i - 1], xs[i]
         lt0, lt1 = math.log(x0 / rs[i - 1]), math.log(x1 / rs[i])
@@ -141,6 +139,13 @@ class LinkTables:
 
     curves: tuple[tuple[tuple[str, int], Curve], ...]
     source: str = ""
+
+    def __hash__(self) -> int:  # cached: a Link carrying this is hashed on every cost-model cache lookup
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.curves, self.source))
+            object.__setattr__(self, "_hash", h)
+        return h
 
     def get(self, kind: str, n: int) -> tuple[int, Curve] | None:
         """The curve for ``kind`` at group size ``n``, else the one at the nearest measured size."""
@@ -186,7 +191,7 @@ def link_tables_from_yaml(tree: Any, where: str) -> LinkTables | None:
             c = _curve_from_yaml(pts, "bytes", "bus_bytes_per_s", f"{where}.collectives.{kind}.{n}")
             # stored on bus bytes so that curve.seconds(bus_bytes) is the time
             f = bus_factor(kind, int(n))
-            c = Curve.from_points([s * f for s in c.sizes], c.rates) if f > 0 else c
+            c = Curve.from_points([s * f for s in c.sizes], c.rates, latency_floor=True) if f > 0 else c
             curves.append(((str(kind), int(n)), c))
     if not curves:
         return None

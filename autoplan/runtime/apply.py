@@ -18,8 +18,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import operator
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -27,206 +27,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.distributed.tensor import Partial as DPartial
 from torch.distributed.tensor import Replicate as DReplicate
-from torch.distributed.tensor import Shard as DShard
-from torch.distributed.tensor.placement_types import Placement as DPlacement
 
 from autoplan.capture import Captured, capture
 from autoplan.errors import AutoplanError, PlanMismatchError
 from autoplan.graph import SHAPE_ONLY_SECOND_ARG, OpGraph, build_graph
 from autoplan.plan import Plan
-from autoplan.strategies.placement import Partial, Shard, parse_placement
+from autoplan.runtime.moves import (
+    PARAM_GRAD,
+    DPlacements,
+    Trace,
+    _aten_ce_kwargs,
+    _gathers,
+    _is_dropout_noop,
+    _local_cross_entropy,
+    _local_sdpa,
+    grad_dual,
+    move,
+    normalize,
+    placement_str,
+    replicate,
+    reshard,
+    to_dtensor_placements,
+)
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
-DPlacements = tuple[DPlacement, ...]
-
-
-# ------------------------------------------------------------------------------ placements
-
-
-def to_dtensor_placements(items: Sequence[str]) -> DPlacements:
-    out: list[DPlacement] = []
-    for text in items:
-        p = parse_placement(text)
-        out.append(DShard(p.dim) if isinstance(p, Shard) else DPartial() if isinstance(p, Partial) else DReplicate())
-    return tuple(out)
-
-
-def placement_str(p: DPlacement) -> str:
-    if isinstance(p, DShard):
-        return f"S({p.dim})"
-    return "P" if p.is_partial() else "R"
-
-
-def normalize(placements: Sequence[DPlacement], ndim: int) -> DPlacements:
-    """Shard(-1) -> Shard(ndim - 1); every Partial flavour -> Partial() (for comparisons)."""
-    out: list[DPlacement] = []
-    for p in placements:
-        if isinstance(p, DShard) and p.dim < 0:
-            out.append(DShard(p.dim + ndim))
-        elif p.is_partial():
-            out.append(DPartial())
-        else:
-            out.append(p)
-    return tuple(out)
-
-
-def grad_dual(placements: DPlacements) -> DPlacements:
-    """Gradient placement matching a value's: a Partial value has a replicated gradient."""
-    return tuple(DReplicate() if p.is_partial() else p for p in placements)
-
-
-# ------------------------------------------------------------------------------ tracing of what is issued
-
-
-@dataclass
-class Trace:
-    """Labels the collectives issued by the runtime: (phase, src node, dst node) of the current move."""
-
-    label: tuple[str, str, str] | None = None
-    records: list[dict[str, Any]] = field(default_factory=list)
-    enabled: bool = False
-
-    @contextlib.contextmanager
-    def scope(self, phase: str, src: str, dst: str) -> Iterator[None]:
-        old = self.label
-        self.label = (phase, src, dst)
-        try:
-            yield
-        finally:
-            self.label = old
-
-
-# ------------------------------------------------------------------------------ moving a DTensor
-
-
-def _pad_to_partial(x: DTensor, axis: int) -> DTensor:
-    """R or S(d) on ``axis`` -> Partial, locally: keep one copy (R) or zero-pad the shard (S)."""
-    mesh = x.device_mesh
-    cur = x.placements[axis]
-    local = x.to_local()
-    coord = mesh.get_local_rank(axis)
-    if isinstance(cur, DShard):
-        d = cur.dim
-        later = [a for a in range(axis + 1, mesh.ndim) if isinstance(x.placements[a], DShard) and x.placements[a].dim == d]
-        earlier = [a for a in range(axis) if isinstance(x.placements[a], DShard) and x.placements[a].dim == d]
-        if later:
-            raise AutoplanError(f"cannot turn S({d}) into P on mesh axis {axis}: dim {d} is also split by an inner axis")
-        n = mesh.size(axis)
-        shape = list(local.shape)
-        shape[d] *= n
-        padded = local.new_zeros(shape)
-        padded.narrow(d, coord * local.shape[d], local.shape[d]).copy_(local)
-        local = padded
-        del earlier
-    elif coord != 0:
-        local = torch.zeros_like(local)
-    placements = list(x.placements)
-    placements[axis] = DPartial()
-    return DTensor.from_local(local, mesh, placements, run_check=False, shape=x.shape, stride=x.stride())
-
-
-def move(x: DTensor, dst: DPlacements) -> DTensor:
-    """The planned transition src -> dst: DTensor's redistribute, plus local R|S -> P."""
-    cur = normalize(x.placements, x.ndim)
-    if cur == dst:
-        return x
-    first = tuple(c if d.is_partial() else d for c, d in zip(cur, dst))
-    if first != cur:
-        x = x.redistribute(x.device_mesh, first)
-    for axis, d in enumerate(dst):
-        if d.is_partial() and not x.placements[axis].is_partial():
-            x = _pad_to_partial(x, axis)
-    return x
-
-
-PARAM_GRAD: DPlacements = ()  # marker: the gradient of a parameter edge (placement decided in backward)
-
-
-def param_grad_placements(param: DPlacements, g: DTensor) -> DPlacements:
-    """A parameter's gradient keeps its sharding; on replicated axes a Partial gradient stays
-    Partial (all-reduced once per step, in ``sync_grads``) and a replicated one stays replicated."""
-    have = normalize(g.placements, g.ndim)
-    return tuple(p if isinstance(p, DShard) else (DPartial() if h.is_partial() else DReplicate()) for p, h in zip(param, have))
-
-
-class _Reshard(torch.autograd.Function):
-    """Forward: move to the consumer's placement; backward: move the gradient to ``grad_dst``."""
-
-    @staticmethod
-    def forward(ctx: Any, x: DTensor, dst: DPlacements, grad_dst: DPlacements, trace: Trace, names: tuple[str, str]) -> DTensor:  # type: ignore[override]
-        ctx.grad_dst, ctx.trace, ctx.names = grad_dst, trace, names
-        ctx.param_placements = normalize(x.placements, x.ndim)
-        with trace.scope("forward", *names):
-            out = move(x, dst)
-        return out if out is not x else x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, g: DTensor) -> tuple[Any, ...]:  # type: ignore[override]
-        dst = ctx.grad_dst
-        if dst is PARAM_GRAD:
-            dst = param_grad_placements(ctx.param_placements, g)
-        with ctx.trace.scope("backward", *ctx.names):
-            return move(g, dst), None, None, None, None
-
-
-def reshard(x: DTensor, dst: DPlacements, grad_dst: DPlacements, trace: Trace, names: tuple[str, str]) -> DTensor:
-    if not x.requires_grad:
-        with trace.scope("forward", *names):
-            return move(x, dst)
-    return _Reshard.apply(x, dst, grad_dst, trace, names)
-
-
-def _gathers(src: DPlacements, dst: DPlacements) -> bool:
-    """The move src -> dst gathers a sharded axis (FSDP-style parameter all-gather)."""
-    return any(isinstance(a, DShard) and a != b and not b.is_partial() for a, b in zip(src, dst))
-
-
-def replicate(t: torch.Tensor, mesh: DeviceMesh) -> DTensor:
-    return DTensor.from_local(t, mesh, [DReplicate()] * mesh.ndim, run_check=False)
-
-
-# ------------------------------------------------------------------------------ ops run on local shards
-
-
-def _local_sdpa(args: list[Any], kwargs: dict[str, Any], out_pl: DPlacements) -> DTensor:
-    """SDPA has no CPU DTensor strategy: with batch or heads split (or all replicated) it is local."""
-    q = args[0]
-    n = q.ndim
-    for t in args[:3]:
-        for p in t.placements:
-            if isinstance(p, DShard) and normalize([p], n)[0].dim >= n - 2:
-                raise AutoplanError("the plan splits attention along the sequence: not supported by the runtime yet")
-    local_args = [a.to_local() if isinstance(a, DTensor) else a for a in args]
-    local_kwargs = {k: (v.to_local() if isinstance(v, DTensor) else v) for k, v in kwargs.items()}
-    out = F.scaled_dot_product_attention(*local_args, **local_kwargs)
-    return DTensor.from_local(out, q.device_mesh, list(q.placements), run_check=False)
-
-
-def _local_cross_entropy(args: list[Any], kwargs: dict[str, Any]) -> DTensor:
-    """Mean cross-entropy with rows split: each rank a partial mean (Partial on the row axes)."""
-    logits, targets = args[0], args[1]
-    if kwargs.get("reduction", "mean") != "mean" or any(isinstance(p, DShard) and p.dim != 0 for p in logits.placements):
-        raise AutoplanError("the plan splits cross-entropy other than by rows: not supported by the runtime yet")
-    rest = {k: v for k, v in kwargs.items() if k != "reduction"}
-    loss = F.cross_entropy(logits.to_local(), targets.to_local(), reduction="sum", **rest) / logits.shape[0]
-    placements = [DPartial() if isinstance(p, DShard) else DReplicate() for p in logits.placements]
-    return DTensor.from_local(loss, logits.device_mesh, placements, run_check=False)
-
-
-def _aten_ce_kwargs(rest: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """aten.cross_entropy_loss(self, target, weight, reduction (int), ignore_index, label_smoothing) -> F kwargs."""
-    names = ("weight", "reduction", "ignore_index", "label_smoothing")
-    out = {**dict(zip(names, rest)), **kwargs}
-    out["reduction"] = {0: "none", 1: "mean", 2: "sum"}.get(out.get("reduction", 1), "mean")
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def _is_dropout_noop(node: fx.Node) -> bool:
-    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
-    training = node.kwargs.get("training", node.kwargs.get("train", node.args[2] if len(node.args) > 2 else True))
-    return not training or p == 0.0
 
 
 # ------------------------------------------------------------------------------ the planned program
@@ -252,6 +77,7 @@ class Program:
     params: dict[str, DPlacements]
     consumers: dict[str, list[str]]  # parameter node -> consumer nodes
     split_nodes: dict[str, fx.Node]
+    backward_edges: frozenset[tuple[str, str, int]]  # (producer, consumer, input) with a planned gradient move
 
 
 def _lm_inputs_fn(seq: int) -> Callable[[int], tuple[torch.Tensor, ...]]:
@@ -319,7 +145,8 @@ def build_program(plan: Plan, cap: Captured, graph: OpGraph, mesh: DeviceMesh) -
               if any(u.target is operator.getitem and u.name in ops and ops[u.name] and graph.nodes[u.name].kind == "split"
                      for u in n.users)}
     return Program(mesh, cap.graph_module, graph, dict(cap.param_names), ops,
-                   {k: to_dtensor_placements(v) for k, v in plan.data["inputs"].items()}, params, consumers, splits)
+                   {k: to_dtensor_placements(v) for k, v in plan.data["inputs"].items()}, params, consumers, splits,
+                   frozenset((c["src"], c["dst"], int(c["input"])) for c in plan.data["collectives"] if c["phase"] == "backward"))
 
 
 def make_mesh(plan: Plan) -> DeviceMesh:
@@ -366,6 +193,7 @@ class ParallelModel:
         self.unplanned: list[str] = []  # ops whose output placement had to be fixed after the op
         self._buffers = {n: replicate(b, self.mesh) for n, b in model.named_buffers(remove_duplicate=False)}
         self.micro_batches = int(plan.data["training"].get("micro_batches", 1) or 1)
+        self.bucket_grads = True  # one all-reduce per bucket instead of per parameter (same bytes)
 
     # -------------------------------------------------------------------------- inputs
 
@@ -394,15 +222,27 @@ class ParallelModel:
             return PARAM_GRAD
         return grad_dual(pl)
 
-    def _prepare(self, value: Any, src: str, dst_pl: DPlacements, dst: str) -> Any:
+    def _prepare(self, value: Any, src: str, dst_pl: DPlacements, dst: str, pos: int) -> Any:
         if not isinstance(value, DTensor):
             if not isinstance(value, torch.Tensor):
                 return value
             value = replicate(value, self.mesh)
+        if self._nothing_to_do(value, src, dst_pl, dst, pos):
+            return value
         out = reshard(value, dst_pl, self._grad_dst(src, value), self.trace, (src, dst))
         if isinstance(value, nn.Parameter) and _gathers(normalize(value.placements, value.ndim), dst_pl):
             self._gathered[out._local_tensor.untyped_storage().data_ptr()] = (value, dst_pl, src)
         return out
+
+    def _nothing_to_do(self, value: DTensor, src: str, dst_pl: DPlacements, dst: str, pos: int) -> bool:
+        """No move in forward, and none planned for the gradient: skip the autograd node (fast path).
+
+        A parameter's gradient then reaches AccumulateGrad as the op made it (Partial on the axes
+        where it is replicated: all-reduced once per step by ``sync_grads``)."""
+        if normalize(value.placements, value.ndim) != dst_pl:
+            return False
+        node = self.program.graph.nodes.get(src)
+        return (node is not None and node.kind == "param") or (src, dst, pos) not in self.program.backward_edges
 
     def _args_for(self, node: fx.Node, env: dict[str, Any], op: OpPlan | None) -> tuple[Any, Any]:
         """Node args with each planned tensor input moved to the op's planned placement."""
@@ -418,7 +258,7 @@ class ParallelModel:
             counter[0] += 1
             if i >= len(op.inputs) or (shape_only and i > 0):
                 return value
-            return self._prepare(value, op.producers[i], op.inputs[i], node.name)
+            return self._prepare(value, op.producers[i], op.inputs[i], node.name, i)
 
         args = fx.node.map_arg(node.args, fetch)
         kwargs = fx.node.map_arg(node.kwargs, fetch)
@@ -510,7 +350,7 @@ class ParallelModel:
             src = split.args[0]
             value = env[src.name]
             if op is not None:
-                value = self._prepare(value, op.producers[0], op.inputs[0], node.name)
+                value = self._prepare(value, op.producers[0], op.inputs[0], node.name, 0)
             args = (value, *fx.node.map_arg(split.args[1:], lambda n: env[n.name]))
             kwargs = fx.node.map_arg(split.kwargs, lambda n: env[n.name])
             out = self._split_part(split, args, kwargs, int(node.args[1]))
@@ -581,26 +421,55 @@ class ParallelModel:
         return total
 
     def sync_grads(self) -> None:
-        """The deferred gradient all-reduces: Partial gradients of replicated parameters -> Replicate."""
+        """The deferred gradient all-reduces: Partial gradients of replicated parameters -> Replicate.
+
+        With ``bucket_grads`` (the default) the gradients that need the same all-reduces are
+        flattened into one buffer per group of mesh axes (as DDP buckets them): the same bytes
+        in fewer collectives. Without it, one all-reduce per parameter, as the plan lists them.
+        """
+        buckets: dict[tuple, list[tuple[str, nn.Parameter]]] = {}
+        seen: set[int] = set()
         for qual, p in self.params.items():
+            if id(p) in seen:  # a tied parameter: one gradient, synced once
+                continue
+            seen.add(id(p))
             if p.grad is None or not isinstance(p.grad, DTensor):
                 continue
             want = normalize(p.placements, p.ndim)
-            if normalize(p.grad.placements, p.ndim) != want:
-                node = self._param_node(qual)
-                cons = self.program.consumers.get(node, [])
-                with self.trace.scope("backward", node, cons[0] if len(cons) == 1 else "*"):
-                    p.grad = p.grad.redistribute(p.device_mesh, list(want))
+            have = normalize(p.grad.placements, p.ndim)
+            if have == want:
+                continue
+            axes = tuple(a for a, (h, w) in enumerate(zip(have, want)) if h != w)
+            if self.bucket_grads and all(have[a].is_partial() and isinstance(want[a], DReplicate) for a in axes):
+                buckets.setdefault((axes, p.grad.dtype), []).append((qual, p))
+                continue
+            node = self._param_node(qual)
+            cons = self.program.consumers.get(node, [])
+            with self.trace.scope("backward", node, cons[0] if len(cons) == 1 else "*"):
+                p.grad = p.grad.redistribute(p.device_mesh, list(want))
+        for (axes, _), members in buckets.items():
+            self._all_reduce_bucket(axes, members)
+
+    def _all_reduce_bucket(self, axes: tuple[int, ...], members: list[tuple[str, nn.Parameter]]) -> None:
+        import torch.distributed as dist
+
+        locals_ = [p.grad.to_local().reshape(-1) for _, p in members]
+        flat = torch.cat(locals_)
+        with self.trace.scope("backward", "bucket", "*"):
+            for axis in axes:
+                dist.all_reduce(flat, group=self.mesh.get_group(axis))
+        offset = 0
+        for (_, p), loc in zip(members, locals_):
+            piece = flat[offset:offset + loc.numel()].view(p.grad.to_local().shape)
+            offset += loc.numel()
+            p.grad = DTensor.from_local(piece, p.device_mesh, list(p.placements), run_check=False,
+                                        shape=p.shape, stride=p.stride())
 
     def _param_node(self, qual: str) -> str:
-        cached = getattr(self, "_param_nodes", None)
-        if cached is None:
-            cached = {}
-            for node, q in self.program.param_of.items():
-                if node in self.program.graph.nodes:
-                    cached.setdefault(q, node)
-            self._param_nodes = cached
-        return cached.get(qual, qual)
+        """The graph node of a parameter (by identity: tied names share one node)."""
+        by_id = {id(self.params[q]): node for node, q in self.program.param_of.items()
+                 if q in self.params and node in self.program.graph.nodes}
+        return by_id.get(id(self.params[qual]), qual)
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """One step on the same GLOBAL batch on every rank; returns the global mean loss."""

@@ -11,11 +11,13 @@ from collections import Counter
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.distributed.device_mesh import DeviceMesh
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from autoplan.plan import Plan
-from autoplan.runtime.apply import Trace
+from autoplan.runtime.moves import Trace
 
 _KINDS = {
     "all_gather_into_tensor": "all_gather", "all_gather_into_tensor_out": "all_gather",
@@ -39,7 +41,9 @@ class CollectiveRecorder(TorchDispatchMode):
     def __init__(self, mesh: DeviceMesh, trace: Trace):
         super().__init__()
         self.trace = trace
-        self.axis_of = {mesh.get_group(i).group_name: name for i, name in enumerate(mesh.mesh_dim_names or ())}
+        names = mesh.mesh_dim_names or tuple(str(i) for i in range(mesh.ndim))
+        self.axis_of = {mesh.get_group(i).group_name: name for i, name in enumerate(names)}
+        self.axis_of_ranks = {tuple(dist.get_process_group_ranks(mesh.get_group(i))): name for i, name in enumerate(names)}
         self.records: list[dict[str, Any]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
@@ -51,11 +55,24 @@ class CollectiveRecorder(TorchDispatchMode):
         return out
 
     def _record(self, kind: str, args: tuple, out: Any) -> dict[str, Any]:
-        group = next((a for a in args if isinstance(a, str) and a in self.axis_of), None)
         nbytes = _nbytes(out) if kind == "all_gather" else _nbytes(args[0])
         phase, src, dst = self.trace.label or ("unlabelled", "?", "?")
-        return {"phase": phase, "kind": kind, "axis": self.axis_of.get(group or "", str(group)), "bytes": nbytes,
-                "src": src, "dst": dst}
+        return {"phase": phase, "kind": kind, "axis": self._axis(args), "bytes": nbytes, "src": src, "dst": dst}
+
+    def _axis(self, args: tuple) -> str:
+        """Mesh axis of a collective, from its group name (or, for a group made again, its ranks)."""
+        for a in args:
+            if isinstance(a, str) and a in self.axis_of:
+                return self.axis_of[a]
+        for a in args:
+            if isinstance(a, str):
+                try:
+                    ranks = tuple(dist.get_process_group_ranks(_resolve_process_group(a)))
+                except Exception:  # noqa: BLE001 - not a group name
+                    continue
+                if ranks in self.axis_of_ranks:
+                    return self.axis_of_ranks[ranks]
+        return "?"
 
 
 def _key(c: dict[str, Any]) -> tuple:
@@ -144,8 +161,12 @@ def explain(plan: Plan, result: dict[str, Any], constant_nodes: frozenset[str], 
 def check_step(pm: Any, *tensors: Any) -> dict[str, Any]:
     """Run one planned forward+backward under the recorder; the comparison and its explanation."""
     rec = CollectiveRecorder(pm.mesh, pm.trace)
-    with rec:
-        loss = pm.forward_backward(*tensors)
+    bucket, pm.bucket_grads = pm.bucket_grads, False  # one all-reduce per parameter, as the plan lists them
+    try:
+        with rec:
+            loss = pm.forward_backward(*tensors)
+    finally:
+        pm.bucket_grads = bucket
     graph = pm.program.graph
     result = compare(pm.plan, rec.records)
     params = frozenset(n for n, node in graph.nodes.items() if node.kind == "param")

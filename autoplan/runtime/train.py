@@ -86,9 +86,21 @@ def resolve_plan(model: nn.Module, plan: Plan | str | Path | None, example: Batc
     import autoplan
 
     world = dist.get_world_size() if dist.is_initialized() else 1
-    # a meta copy that keeps tied weights tied, so the plan's fingerprint is the runtime's
-    return autoplan.plan(meta_clone(model), (example[0],), cluster=cluster, devices=world, global_batch=global_batch,
-                         targets=example[1], baselines=False, **plan_kwargs)
+    made = None
+    if _rank0():  # a meta copy that keeps tied weights tied, so the plan's fingerprint is the runtime's
+        made = autoplan.plan(meta_clone(model), (example[0],), cluster=cluster, devices=world, global_batch=global_batch,
+                             targets=example[1], baselines=False, **plan_kwargs)
+    return broadcast_plan(made)
+
+
+def broadcast_plan(plan: Plan | None) -> Plan:
+    """Rank 0's plan on every rank (solvers with time limits need not give every rank the same plan)."""
+    if not dist.is_initialized():
+        assert plan is not None
+        return plan
+    box = [plan.data if dist.get_rank() == 0 and plan is not None else None]
+    dist.broadcast_object_list(box, src=0)
+    return Plan(box[0])
 
 
 def _rank0() -> bool:

@@ -1,0 +1,499 @@
+"""Measure this machine: matmul throughput, memory bandwidth, collectives; write a profile.
+
+Two halves:
+
+* the *worker* (``python -m autoplan.profiler.measure --out raw.json``), run by ``torchrun`` on
+  every rank: CPU ranks over gloo, or one GPU per rank over NCCL when CUDA is present. Matmuls
+  and copies run on all ranks at once (that is what a rank sees during training: on a CPU the
+  ranks share the cores), collectives on the whole group and on sub-groups (the axes of the
+  meshes the ranks can form). Rank 0 prints progress lines and writes the raw JSON.
+* the *driver* (``run_profile``): launches ``python -m torch.distributed.run --standalone``,
+  follows the progress, and turns the raw numbers into a profile (``build_profile``) in the
+  schema of ``profiles/*.yaml`` plus a ``measured:`` section with the curves.
+
+Timings are wall-clock medians/means over a few repetitions after one warm-up; on a shared
+2-core machine they are noisy, and the profile says so.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+PROGRESS_TAG = "@@autoplan-progress"
+KIB, MIB = 1024, 1024 * 1024
+
+# (m, k, n) shapes; dtype -> shapes. Squares trace the curve, rectangles are transformer-like.
+MATMUL_SHAPES = {
+    "quick": {"fp32": [(64, 64, 64), (128, 128, 128), (256, 256, 256)], "bf16": [(64, 64, 64), (128, 128, 128)]},
+    "cpu": {
+        "fp32": [(64, 64, 64), (128, 128, 128), (256, 256, 256), (512, 512, 512), (1024, 1024, 1024),
+                 (2048, 2048, 2048), (2048, 384, 1536), (2048, 1536, 384), (512, 768, 3072)],
+        "bf16": [(64, 64, 64), (128, 128, 128), (256, 256, 256), (512, 512, 512), (1024, 1024, 1024),
+                 (2048, 384, 1536), (2048, 1536, 384)],
+    },
+    "cuda": {
+        "fp32": [(256, 256, 256), (1024, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 4096), (8192, 8192, 8192)],
+        "bf16": [(256, 256, 256), (1024, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 4096), (8192, 8192, 8192),
+                 (16384, 4096, 4096), (8192, 4096, 16384)],
+    },
+}
+COPY_SIZES = {"quick": [1 * MIB, 4 * MIB], "cpu": [4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB],
+              "cuda": [16 * MIB, 64 * MIB, 256 * MIB, 1024 * MIB]}
+COLL_SIZES = {"quick": [4 * KIB, 64 * KIB, 1 * MIB],
+              "cpu": [4 * KIB * 4**i for i in range(8)],  # 4 KiB .. 64 MiB
+              "cuda": [4 * KIB * 4**i for i in range(10)]}  # 4 KiB .. 1 GiB
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+BUDGET_S = {"quick": 0.01, "cpu": 0.25, "cuda": 0.1}  # time per measurement (after warm-up)
+MAX_REPS = {"quick": 3, "cpu": 20, "cuda": 50}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+# ----------------------------------------------------------------------------------------------
+# worker (runs on every rank under torchrun)
+
+
+class _Worker:
+    def __init__(self, quick: bool) -> None:
+        import torch
+        import torch.distributed as dist
+
+        self.torch, self.dist = torch, dist
+        self.cuda = torch.cuda.is_available()
+        self.mode = "quick" if quick else ("cuda" if self.cuda else "cpu")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.cuda:
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
+        else:
+            self.device = torch.device("cpu")
+        backend = "nccl" if self.cuda else "gloo"
+        dist.init_process_group(backend, timeout=_dt.timedelta(seconds=120))
+        self.backend = backend
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.step, self.total = 0, 0
+
+    # -- helpers
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def scalar(self, x: float, op: str, group=None) -> float:
+        t = self.torch.tensor([float(x)], dtype=self.torch.float64 if not self.cuda else self.torch.float32,
+                              device=self.device)
+        self.dist.all_reduce(t, op=getattr(self.dist.ReduceOp, op), group=group)
+        return float(t.item())
+
+    def gather(self, x: float) -> list[float]:
+        t = self.torch.zeros(self.world, dtype=self.torch.float32, device=self.device)
+        t[self.rank] = x
+        self.dist.all_reduce(t)
+        return [float(v) for v in t.tolist()]
+
+    def barrier(self, group=None) -> None:
+        self.scalar(0.0, "SUM", group)
+
+    def progress(self, label: str) -> None:
+        self.step += 1
+        if self.rank == 0:
+            print(f"{PROGRESS_TAG} {self.step} {self.total} {label}", flush=True)
+
+    def timed(self, fn: Callable[[], Any], group=None, combine: str = "max") -> float:
+        """Seconds per call of ``fn``: one warm-up, then reps chosen so the run lasts ~BUDGET_S.
+
+        ``combine``: "max" over the group (a collective ends when its slowest rank does) or
+        "median" over all ranks (independent per-rank work such as a matmul).
+        """
+        self.barrier(group)
+        t0 = time.perf_counter()
+        fn()
+        self.sync()
+        warm = self.scalar(time.perf_counter() - t0, "MAX", group)
+        reps = int(min(MAX_REPS[self.mode], max(1, math.ceil(BUDGET_S[self.mode] / max(warm, 1e-6)))))
+        reps = max(reps, 2) if warm < 1.0 else reps
+        self.barrier(group)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        self.sync()
+        mine = (time.perf_counter() - t0) / reps
+        if combine == "max":
+            return self.scalar(mine, "MAX", group)
+        vals = sorted(self.gather(mine))
+        return vals[len(vals) // 2] if len(vals) % 2 else 0.5 * (vals[len(vals) // 2 - 1] + vals[len(vals) // 2])
+
+    # -- plan and run
+    def group_sizes(self) -> list[int]:
+        """Axis sizes of the meshes these ranks form: the whole world, and its proper power-of-2 factors >= 2."""
+        sizes = [self.world]
+        g = 2
+        while g < self.world:
+            if self.world % g == 0:
+                sizes.append(g)
+            g *= 2
+        return sizes
+
+    def run(self) -> dict[str, Any]:
+        torch = self.torch
+        shapes = dict(MATMUL_SHAPES[self.mode])
+        if self.cuda and self.mode == "quick":
+            shapes = {"fp32": [(256, 256, 256), (1024, 1024, 1024)], "bf16": [(256, 256, 256), (1024, 1024, 1024)]}
+        if self.cuda:
+            shapes["fp16"] = shapes["bf16"]  # GPU plans may compute in fp16 (CPU profiles, like cpu.yaml, have none)
+        copies = COPY_SIZES[self.mode]
+        csizes = COLL_SIZES[self.mode]
+        gsizes = self.group_sizes() if self.world > 1 else []
+        self.total = sum(len(v) for v in shapes.values()) + len(copies) + len(gsizes) * len(KINDS) * len(csizes)
+        self.total += len(csizes) if self.world > 1 else 0
+        out: dict[str, Any] = {
+            "meta": {
+                "world": self.world, "backend": self.backend, "device": self._device_name(),
+                "threads_per_rank": torch.get_num_threads(), "torch": torch.__version__, "mode": self.mode,
+                "host": socket.gethostname(), "cpu_count": os.cpu_count(), "memory_bytes": self._memory_bytes(),
+            },
+            "matmul": {}, "memory": [], "collectives": {},
+        }
+        for dname, shp in shapes.items():
+            dt = getattr(torch, DTYPES[dname])
+            rows = []
+            for m, k, n in shp:
+                self.progress(f"matmul {dname} {m}x{k}x{n}")
+                a = torch.randn(m, k, device=self.device).to(dt)
+                b = torch.randn(k, n, device=self.device).to(dt)
+                s = self.timed(lambda: torch.mm(a, b), combine="median")
+                flops = 2.0 * m * k * n
+                rows.append({"shape": [m, k, n], "flops": flops, "seconds": s, "flops_per_s": flops / s})
+            out["matmul"][dname] = rows
+        for size in copies:
+            self.progress(f"memory copy {size // MIB} MiB")
+            src = torch.empty(size // 4, dtype=torch.float32, device=self.device).fill_(1.0)
+            dst = torch.empty_like(src)
+            s = self.timed(lambda: dst.copy_(src), combine="median")
+            out["memory"].append({"bytes": 2.0 * size, "seconds": s, "bytes_per_s": 2.0 * size / s})  # read + write
+        for g in gsizes:
+            group = None
+            if g < self.world:
+                group, _ = self.dist.new_subgroups(group_size=g)  # consecutive ranks: a mesh's inner axis
+            res: dict[str, Any] = {}
+            for kind in KINDS:
+                res[kind] = self._collective(kind, g, group, csizes)
+            out["collectives"][str(g)] = res
+        if self.world > 1:
+            out["collectives"].setdefault("2", {})["send_recv"] = self._send_recv(csizes)
+        return out
+
+    def _collective(self, kind: str, g: int, group, sizes: list[int]) -> Any:
+        torch, dist = self.torch, self.dist
+        rows = []
+        for size in sizes:
+            self.progress(f"{kind} {g} ranks {_fmt_bytes(size)}")
+            numel = max(g, (size // 4) // g * g)  # fp32 elements, divisible by the group size
+            nbytes = numel * 4
+            try:
+                if kind == "all_reduce":
+                    x = torch.ones(numel, device=self.device)
+                    fn = lambda: dist.all_reduce(x, group=group)  # noqa: E731
+                elif kind == "all_gather":  # buffer = gathered output (nccl-tests convention)
+                    x, y = torch.ones(numel // g, device=self.device), torch.empty(numel, device=self.device)
+                    ag = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+                    fn = lambda: ag(y, x, group=group)  # noqa: E731
+                elif kind == "reduce_scatter":  # buffer = scattered input
+                    x, y = torch.ones(numel, device=self.device), torch.empty(numel // g, device=self.device)
+                    rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+                    fn = lambda: rs(y, x, group=group)  # noqa: E731
+                else:  # all_to_all: the single-tensor form (gloo lacks the list form with uneven sizes)
+                    x, y = torch.ones(numel, device=self.device), torch.empty(numel, device=self.device)
+                    fn = lambda: dist.all_to_all_single(y, x, group=group)  # noqa: E731
+                s = self.timed(fn, group=group)
+            except (RuntimeError, NotImplementedError, ValueError) as exc:
+                for _ in sizes[len(rows) + 1:]:
+                    self.progress(f"{kind} {g} ranks (skipped)")
+                return {"unsupported": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+            rows.append({"bytes": float(nbytes), "seconds": s})
+        return rows
+
+    def _send_recv(self, sizes: list[int]) -> list[dict[str, float]]:
+        """Ping-pong between ranks 2i and 2i+1, all pairs at once; one-way time = round trip / 2."""
+        torch, dist = self.torch, self.dist
+        partner = self.rank ^ 1
+        if partner >= self.world:
+            partner = None
+        rows = []
+        for size in sizes:
+            self.progress(f"send/recv {_fmt_bytes(size)}")
+            x = torch.ones(size // 4, device=self.device)
+
+            def pingpong() -> None:
+                if partner is None:
+                    return
+                if self.rank % 2 == 0:
+                    dist.send(x, partner)
+                    dist.recv(x, partner)
+                else:
+                    dist.recv(x, partner)
+                    dist.send(x, partner)
+
+            s = self.timed(pingpong) / 2.0
+            rows.append({"bytes": float(size), "seconds": s})
+        return rows
+
+    def _device_name(self) -> str:
+        if self.cuda:
+            return self.torch.cuda.get_device_name(self.device)
+        return f"cpu-rank ({platform.processor() or platform.machine()})"
+
+    def _memory_bytes(self) -> float:
+        if self.cuda:
+            return float(self.torch.cuda.get_device_properties(self.device).total_memory)
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return float(line.split()[1]) * 1024 / self.world
+        except OSError:
+            pass
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / self.world
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / MIB:g} MiB" if n >= MIB else f"{n / KIB:g} KiB"
+
+
+def worker_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="autoplan profile worker (run under torchrun)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    w = _Worker(args.quick)
+    try:
+        result = w.run()
+        if w.rank == 0:
+            Path(args.out).write_text(json.dumps(result))
+    finally:
+        w.dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# driver
+
+
+class ProfileError(RuntimeError):
+    pass
+
+
+def run_workers(nproc: int, quick: bool, on_progress: Callable[[int, int, str], None] | None = None,
+                timeout_s: float = 600.0) -> dict[str, Any]:
+    """Launch the worker on ``nproc`` local ranks with torchrun; return rank 0's raw JSON."""
+    with tempfile.TemporaryDirectory(prefix="autoplan-profile-") as tmp:
+        raw = Path(tmp) / "raw.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "autoplan.profiler.measure", "--out", str(raw)] + (["--quick"] if quick else [])
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        env["PYTHONWARNINGS"] = "ignore"
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
+        tail: list[str] = []
+        t0 = time.monotonic()
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(PROGRESS_TAG):
+                _, i, total, label = line.rstrip("\n").split(" ", 3)
+                if on_progress:
+                    on_progress(int(i), int(total), label)
+            else:
+                tail = (tail + [line.rstrip("\n")])[-20:]
+            if time.monotonic() - t0 > timeout_s:
+                proc.kill()
+                raise ProfileError(f"profiling took more than {timeout_s:.0f} s: killed (try --quick)")
+        rc = proc.wait()
+        if rc != 0 or not raw.is_file():
+            msg = " | ".join(l for l in tail if l.strip())[-600:]
+            raise ProfileError(f"profiling workers failed (exit {rc}): {msg}")
+        return json.loads(raw.read_text())
+
+
+def _r(x: float) -> float:
+    """4 significant digits: measurements are not more precise than that."""
+    return float(f"{x:.4g}")
+
+
+def build_profile(raw: dict[str, Any], name: str, date: str | None = None) -> dict[str, Any]:
+    """A profile tree (schema autoplan-profile/1) with a ``measured:`` section, from the workers' JSON."""
+    from autoplan.hardware import SCHEMA
+    from autoplan.cost.comm import latency_steps
+    from autoplan.profiler.tables import Curve, bus_factor
+
+    date = date or _dt.date.today().isoformat()
+    meta = raw["meta"]
+    n = int(meta["world"])
+    threads = meta.get("threads_per_rank")
+    cpu = meta["backend"] == "gloo"
+    quick = meta.get("mode") == "quick"
+    tag = f"({date}{', --quick' if quick else ''})"
+    where = (f"{n} CPU ranks over gloo, {threads} thread(s) each, on {meta.get('cpu_count')} cores" if cpu
+             else f"{n} GPUs ({meta['device']}) over NCCL")
+    ms = f"measured here: {where}"
+
+    matmul_tree, peaks = {}, {}
+    for dname, rows in raw["matmul"].items():
+        curve = Curve.from_points([r["flops"] for r in rows], [r["flops_per_s"] for r in rows])
+        best = max(rows, key=lambda r: r["flops_per_s"])
+        peaks[dname] = {"value": _r(curve.plateau), "source": (
+            f"{ms}: matmul plateau (monotone-smoothed) over {len(rows)} shapes, best raw "
+            f"{best['flops_per_s'] / 1e9:.3g} GFLOP/s at {'x'.join(map(str, best['shape']))}, per rank with all ranks running {tag}")}
+        matmul_tree[dname] = {
+            "shapes": [list(r["shape"]) for r in rows],
+            "flops": [int(r["flops"]) for r in rows],
+            "flops_per_s": [_r(r["flops_per_s"]) for r in rows],
+        }
+    mem_rows = raw["memory"]
+    big = mem_rows[-1]
+    mem_bw = {"value": _r(big["bytes_per_s"]), "source": (
+        f"{ms}: tensor copy of {_fmt_bytes(big['bytes'] / 2)} (read + write), per rank with all ranks copying {tag}")}
+
+    colls = raw.get("collectives", {})
+    link_tree: dict[str, Any] = {}
+    for g, kinds in colls.items():
+        for kind, rows in kinds.items():
+            if isinstance(rows, dict):  # unsupported
+                link_tree.setdefault(kind, {})[int(g)] = {"unsupported": rows.get("unsupported", "yes")}
+                continue
+            gi = int(g)
+            link_tree.setdefault(kind, {})[gi] = {
+                "bytes": [int(r["bytes"]) for r in rows],
+                "seconds": [_r(r["seconds"]) for r in rows],
+                "bus_bytes_per_s": [_r(r["bytes"] * bus_factor(kind, gi) / r["seconds"]) for r in rows],
+            }
+    ar = link_tree.get("all_reduce", {}).get(n) if n > 1 else None
+    if ar and "bytes" in ar:
+        ar_curve = Curve.from_points([b * bus_factor("all_reduce", n) for b in ar["bytes"]], ar["bus_bytes_per_s"])
+        bw = {"value": _r(ar_curve.plateau), "source": (
+            f"{ms}: all_reduce bus bandwidth plateau, {n} ranks, up to {_fmt_bytes(ar['bytes'][-1])} {tag}")}
+        t_small = ar["seconds"][0]
+        lat = {"value": _r(t_small / latency_steps("all_reduce", n)), "source": (
+            f"{ms}: all_reduce of {_fmt_bytes(ar['bytes'][0])}, {n} ranks, {t_small * 1e3:.3g} ms over "
+            f"{latency_steps('all_reduce', n)} steps {tag}")}
+    else:
+        bw = {"value": _r(mem_bw["value"] / 2), "source": "assumed: half the copy bandwidth (one rank: no collective measured)"}
+        lat = {"value": 1e-5, "source": "assumed: one rank, no collective measured"}
+    eff = {"value": 1.0, "source": "measured bandwidth is already the achieved bus bandwidth"}
+    same = "assumed: same as intra-node (one node measured; inter-node links not measurable here)"
+    tree: dict[str, Any] = {
+        "schema": SCHEMA,
+        "name": name,
+        "description": (f"Measured by `autoplan profile` on {meta.get('host')}: {where} (torch {meta.get('torch')}). "
+                        "Wall-clock timings on a shared machine: noisy."),
+        "devices_per_node": {"value": n, "source": f"measured here: {n} ranks launched on one node {tag}"},
+        "device": {
+            "name": "cpu-rank" if cpu else str(meta["device"]),
+            "memory_bytes": {"value": _r(meta["memory_bytes"]), "source": (
+                f"measured here: available memory / {n} ranks {tag}" if cpu else f"measured here: total device memory {tag}")},
+            "usable_memory_fraction": {"value": 0.8 if cpu else 0.9, "source": (
+                "assumed: torch, gloo and Python overhead per rank" if cpu else "assumed: CUDA context, NCCL buffers, fragmentation")},
+            "peak_flops_per_s": peaks,
+            "memory_bandwidth_bytes_per_s": mem_bw,
+            "matmul_efficiency": {"value": 1.0, "source": "measured peak is already the achieved rate"},
+            "memory_efficiency": {"value": 1.0, "source": "measured bandwidth is already the achieved rate"},
+        },
+        "links": {
+            "intra_node": {"bandwidth_bytes_per_s": bw, "latency_s": lat, "efficiency": eff},
+            "inter_node": {
+                "bandwidth_bytes_per_s": {"value": bw["value"], "source": same},
+                "latency_s": {"value": lat["value"], "source": same},
+                "efficiency": eff,
+            },
+        },
+        "measured": {
+            "date": date,
+            "host": meta.get("host"),
+            "torch": meta.get("torch"),
+            "backend": meta["backend"],
+            "ranks": {"value": n, "source": f"measured here: ranks launched by torchrun {tag}"},
+            "threads_per_rank": {"value": threads, "source": f"measured here: torch.get_num_threads() in each rank {tag}"},
+            "mode": "quick" if quick else "full",
+            "note": ("Curves are raw measurements; the cost model smooths them (rates non-decreasing in size, "
+                     "times non-decreasing) and interpolates in log-space. Noisy: shared machine, few repetitions."),
+            "device": {
+                "source": f"{ms} {tag}",
+                "matmul": matmul_tree,
+                "memory": {"bytes": [int(r["bytes"]) for r in mem_rows],
+                           "bytes_per_s": [_r(r["bytes_per_s"]) for r in mem_rows]},
+            },
+            "links": {
+                "intra_node": {"source": f"{ms}: collectives on every group size of the meshes {n} ranks form {tag}",
+                               "collectives": link_tree},
+                "inter_node": {"same_as": "intra_node", "source": same},
+            },
+        },
+    }
+    if not link_tree:
+        del tree["measured"]["links"]
+    return tree
+
+
+class _FlowList(list):
+    pass
+
+
+def dump_profile(tree: dict[str, Any]) -> str:
+    """YAML with the curve lists and {value, source} pairs on one line each."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def flow_list(d, data):
+        return d.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+
+    def flow_map(d, data):
+        return d.represent_mapping("tag:yaml.org,2002:map", data.items(), flow_style=True)
+
+    class _Pair(dict):
+        pass
+
+    Dumper.add_representer(_FlowList, flow_list)
+    Dumper.add_representer(_Pair, flow_map)
+
+    def mark(x: Any) -> Any:
+        if isinstance(x, dict):
+            if set(x) == {"value", "source"}:
+                return _Pair(x)
+            return {k: mark(v) for k, v in x.items()}
+        if isinstance(x, list):
+            if all(isinstance(v, (int, float)) for v in x) or all(isinstance(v, list) for v in x):
+                return _FlowList([_FlowList(v) if isinstance(v, list) else v for v in x])
+            return [mark(v) for v in x]
+        return x
+
+    return yaml.dump(mark(tree), Dumper=Dumper, sort_keys=False, width=200)
+
+
+def run_profile(nproc: int, quick: bool, out: str | Path, name: str | None = None,
+                on_progress: Callable[[int, int, str], None] | None = None) -> tuple[dict[str, Any], float]:
+    """Measure, write ``out``, check it loads; return (profile tree, wall seconds)."""
+    from autoplan.hardware import load_cluster
+
+    t0 = time.monotonic()
+    raw = run_workers(nproc, quick, on_progress)
+    out = Path(out)
+    tree = build_profile(raw, name or out.stem)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(dump_profile(tree))
+    load_cluster(out)  # the written profile must load
+    return tree, time.monotonic() - t0
+
+
+if __name__ == "__main__":
+    worker_main()

@@ -1,0 +1,211 @@
+"""Moving DTensors between the plan's placements, and the ops the runtime runs on local shards.
+
+``move`` performs one planned transition (DTensor's ``redistribute`` plus the local R|S -> P
+that DTensor refuses); ``_Reshard`` is its autograd node (forward: the planned move; backward:
+the gradient's way back). ``Trace`` labels the collectives issued with the edge they serve.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import Partial as DPartial
+from torch.distributed.tensor import Replicate as DReplicate
+from torch.distributed.tensor import Shard as DShard
+from torch.distributed.tensor.placement_types import Placement as DPlacement
+
+from autoplan.errors import AutoplanError
+from autoplan.strategies.placement import Partial, Shard, parse_placement
+
+DPlacements = tuple[DPlacement, ...]
+
+
+# ------------------------------------------------------------------------------ placements
+
+
+def to_dtensor_placements(items: Sequence[str]) -> DPlacements:
+    out: list[DPlacement] = []
+    for text in items:
+        p = parse_placement(text)
+        out.append(DShard(p.dim) if isinstance(p, Shard) else DPartial() if isinstance(p, Partial) else DReplicate())
+    return tuple(out)
+
+
+def placement_str(p: DPlacement) -> str:
+    if isinstance(p, DShard):
+        return f"S({p.dim})"
+    return "P" if p.is_partial() else "R"
+
+
+def normalize(placements: Sequence[DPlacement], ndim: int) -> DPlacements:
+    """Shard(-1) -> Shard(ndim - 1); every Partial flavour -> Partial() (for comparisons)."""
+    out: list[DPlacement] = []
+    for p in placements:
+        if isinstance(p, DShard) and p.dim < 0:
+            out.append(DShard(p.dim + ndim))
+        elif p.is_partial():
+            out.append(DPartial())
+        else:
+            out.append(p)
+    return tuple(out)
+
+
+def grad_dual(placements: DPlacements) -> DPlacements:
+    """Gradient placement matching a value's: a Partial value has a replicated gradient."""
+    return tuple(DReplicate() if p.is_partial() else p for p in placements)
+
+
+# ------------------------------------------------------------------------------ tracing of what is issued
+
+
+@dataclass
+class Trace:
+    """Labels the collectives issued by the runtime: (phase, src node, dst node) of the current move."""
+
+    label: tuple[str, str, str] | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)
+    enabled: bool = False
+
+    @contextlib.contextmanager
+    def scope(self, phase: str, src: str, dst: str) -> Iterator[None]:
+        old = self.label
+        self.label = (phase, src, dst)
+        try:
+            yield
+        finally:
+            self.label = old
+
+
+# ------------------------------------------------------------------------------ moving a DTensor
+
+
+def _pad_to_partial(x: DTensor, axis: int) -> DTensor:
+    """R or S(d) on ``axis`` -> Partial, locally: keep one copy (R) or zero-pad the shard (S)."""
+    mesh = x.device_mesh
+    cur = x.placements[axis]
+    local = x.to_local()
+    coord = mesh.get_local_rank(axis)
+    if isinstance(cur, DShard):
+        d = cur.dim
+        later = [a for a in range(axis + 1, mesh.ndim) if isinstance(x.placements[a], DShard) and x.placements[a].dim == d]
+        if later:
+            raise AutoplanError(f"cannot turn S({d}) into P on mesh axis {axis}: dim {d} is also split by an inner axis")
+        n = mesh.size(axis)
+        shape = list(local.shape)
+        shape[d] *= n
+        padded = local.new_zeros(shape)
+        padded.narrow(d, coord * local.shape[d], local.shape[d]).copy_(local)
+        local = padded
+    elif coord != 0:
+        local = torch.zeros_like(local)
+    placements = list(x.placements)
+    placements[axis] = DPartial()
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=x.shape, stride=x.stride())
+
+
+def move(x: DTensor, dst: DPlacements) -> DTensor:
+    """The planned transition src -> dst: DTensor's redistribute, plus local R|S -> P."""
+    cur = normalize(x.placements, x.ndim)
+    if cur == dst:
+        return x
+    first = tuple(c if d.is_partial() else d for c, d in zip(cur, dst))
+    if first != cur:
+        x = x.redistribute(x.device_mesh, first)
+    for axis, d in enumerate(dst):
+        if d.is_partial() and not x.placements[axis].is_partial():
+            x = _pad_to_partial(x, axis)
+    return x
+
+
+PARAM_GRAD: DPlacements = ()  # marker: the gradient of a parameter edge (placement decided in backward)
+
+
+def param_grad_placements(param: DPlacements, g: DTensor) -> DPlacements:
+    """A parameter's gradient keeps its sharding; on replicated axes a Partial gradient stays
+    Partial (all-reduced once per step, in ``sync_grads``) and a replicated one stays replicated."""
+    have = normalize(g.placements, g.ndim)
+    return tuple(p if isinstance(p, DShard) else (DPartial() if h.is_partial() else DReplicate()) for p, h in zip(param, have))
+
+
+class _Reshard(torch.autograd.Function):
+    """Forward: move to the consumer's placement; backward: move the gradient to ``grad_dst``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: DTensor, dst: DPlacements, grad_dst: DPlacements, trace: Trace, names: tuple[str, str]) -> DTensor:  # type: ignore[override]
+        ctx.grad_dst, ctx.trace, ctx.names = grad_dst, trace, names
+        ctx.param_placements = normalize(x.placements, x.ndim)
+        with trace.scope("forward", *names):
+            out = move(x, dst)
+        return out if out is not x else x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: DTensor) -> tuple[Any, ...]:  # type: ignore[override]
+        dst = ctx.grad_dst
+        if dst is PARAM_GRAD:
+            dst = param_grad_placements(ctx.param_placements, g)
+        with ctx.trace.scope("backward", *ctx.names):
+            return move(g, dst), None, None, None, None
+
+
+def reshard(x: DTensor, dst: DPlacements, grad_dst: DPlacements, trace: Trace, names: tuple[str, str]) -> DTensor:
+    if not x.requires_grad:
+        with trace.scope("forward", *names):
+            return move(x, dst)
+    return _Reshard.apply(x, dst, grad_dst, trace, names)
+
+
+def _gathers(src: DPlacements, dst: DPlacements) -> bool:
+    """The move src -> dst gathers a sharded axis (FSDP-style parameter all-gather)."""
+    return any(isinstance(a, DShard) and a != b and not b.is_partial() for a, b in zip(src, dst))
+
+
+def replicate(t: torch.Tensor, mesh: DeviceMesh) -> DTensor:
+    return DTensor.from_local(t, mesh, [DReplicate()] * mesh.ndim, run_check=False)
+
+
+# ------------------------------------------------------------------------------ ops run on local shards
+
+
+def _local_sdpa(args: list[Any], kwargs: dict[str, Any], out_pl: DPlacements) -> DTensor:
+    """SDPA has no CPU DTensor strategy: with batch or heads split (or all replicated) it is local."""
+    q = args[0]
+    n = q.ndim
+    for t in args[:3]:
+        for p in t.placements:
+            if isinstance(p, DShard) and normalize([p], n)[0].dim >= n - 2:
+                raise AutoplanError("the plan splits attention along the sequence: not supported by the runtime yet")
+    local_args = [a.to_local() if isinstance(a, DTensor) else a for a in args]
+    local_kwargs = {k: (v.to_local() if isinstance(v, DTensor) else v) for k, v in kwargs.items()}
+    out = F.scaled_dot_product_attention(*local_args, **local_kwargs)
+    return DTensor.from_local(out, q.device_mesh, list(q.placements), run_check=False)
+
+
+def _local_cross_entropy(args: list[Any], kwargs: dict[str, Any]) -> DTensor:
+    """Mean cross-entropy with rows split: each rank a partial mean (Partial on the row axes)."""
+    logits, targets = args[0], args[1]
+    if kwargs.get("reduction", "mean") != "mean" or any(isinstance(p, DShard) and p.dim != 0 for p in logits.placements):
+        raise AutoplanError("the plan splits cross-entropy other than by rows: not supported by the runtime yet")
+    rest = {k: v for k, v in kwargs.items() if k != "reduction"}
+    loss = F.cross_entropy(logits.to_local(), targets.to_local(), reduction="sum", **rest) / logits.shape[0]
+    placements = [DPartial() if isinstance(p, DShard) else DReplicate() for p in logits.placements]
+    return DTensor.from_local(loss, logits.device_mesh, placements, run_check=False)
+
+
+def _aten_ce_kwargs(rest: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """aten.cross_entropy_loss(self, target, weight, reduction (int), ignore_index, label_smoothing) -> F kwargs."""
+    names = ("weight", "reduction", "ignore_index", "label_smoothing")
+    out = {**dict(zip(names, rest)), **kwargs}
+    out["reduction"] = {0: "none", 1: "mean", 2: "sum"}.get(out.get("reduction", 1), "mean")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _is_dropout_noop(node: fx.Node) -> bool:
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    training = node.kwargs.get("training", node.kwargs.get("train", node.args[2] if len(node.args) > 2 else True))
+    return not training or p == 0.0

@@ -1,0 +1,229 @@
+"""Predicted vs measured step time of several plans on 4 CPU ranks (issue #5).
+
+    python benchmarks/predicted_vs_measured.py [--cluster profiles/cpu-measured.yaml] [--steps 4]
+
+Re-launches itself under torchrun on 4 CPU ranks (gloo). Rank 0 makes the plans (DDP, FSDP,
+TP 4, DP 2 x TP 2, the planner's choice, and DDP on a 2 x 2 mesh; pipeline parallelism is not run: ``autoplan.runtime``
+applies SPMD plans only), all ranks run each plan with ``autoplan.runtime.apply`` and time
+median steps (forward + backward + AdamW). Predictions: the cost model on ``--cluster``, and the
+same with the compute of every op replaced by the op-level profile (``autoplan.profiler.ops``,
+timed on every rank at once so the cores are as shared as in training; backward = 2 x forward).
+Reports Spearman rank correlation, median relative error, and the planner's choice vs the
+fastest measured plan. Micro-batches are pinned to 1 and recompute off, so an op's compute is
+3 x its forward. Numbers are noisy: 2 shared cores, few steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+PLANS = [  # name, force, mesh
+    ("ddp", "ddp", None),
+    ("fsdp", "fsdp", None),
+    ("tp", "megatron", "tp=4"),
+    ("dp2xtp2", "megatron", "dp=2,tp=2"),
+    ("planner", None, None),
+    ("ddp2x2", "ddp", "dp=2,dq=2"),  # an extra point the runtime can run (FSDP on 2 x 2 fails in DTensor's embedding mask)
+]
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gpt-tiny:layers=4,hidden=128,seq=128")
+    p.add_argument("--cluster", default=str(Path(__file__).resolve().parent.parent / "profiles" / "cpu-measured.yaml"))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--nproc", type=int, default=4)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--json", default=None, help="also write the results here")
+    return p.parse_args()
+
+
+def _data(step: int, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    x = torch.randint(0, 256, (batch, seq + 1), generator=g)
+    return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        for pos, i in enumerate(order):
+            r[i] = float(pos)
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    n = len(a)
+    ma, mb = sum(ra) / n, sum(rb) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va = sum((x - ma) ** 2 for x in ra) ** 0.5
+    vb = sum((y - mb) ** 2 for y in rb) ** 0.5
+    return cov / (va * vb) if va and vb else float("nan")
+
+
+def _median(v: list[float]) -> float:
+    s = sorted(v)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def _make_plans(args: argparse.Namespace, workdir: Path) -> None:
+    import autoplan
+
+    for name, force, mesh in PLANS:
+        try:
+            p = autoplan.plan(args.model, cluster=args.cluster, devices=args.nproc, global_batch=args.batch,
+                              seq_len=args.seq, dtype="fp32", baselines=False, force=force, mesh=mesh,
+                              micro_batches=[1], recompute=False)
+            p.save(workdir / f"{name}.plan.json")
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            (workdir / f"{name}.error").write_text(f"{type(exc).__name__}: {exc}")
+
+
+def _op_prediction(plan, graph, times) -> tuple[float, int]:
+    """Plan's predicted step time with each op's compute replaced by 3 x its profiled forward."""
+    from autoplan.profiler.ops import BACKWARD_FACTOR
+    from autoplan.strategies.expand import Strategy
+    from autoplan.strategies.placement import parse_placements
+
+    d = plan.data
+    mesh_shape = tuple(d["mesh"]["shape"])
+    b = d["training"]["micro_batch"]
+    step = d["predicted"]["step_time_s"]
+    used = 0
+    for op in d["ops"]:
+        node = graph.nodes.get(op["name"])
+        if node is None or not op.get("compute_s"):
+            continue
+        s = Strategy(parse_placements(op["output"]), tuple(parse_placements(i) for i in op["inputs"]), (), 1, ())
+        t = times.seconds(graph, node, s, mesh_shape, b, "fp32")
+        if t is None:
+            continue
+        step += (1 + BACKWARD_FACTOR) * t - op["compute_s"]
+        used += 1
+    return step, used
+
+
+def worker() -> None:
+    args = _args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=300))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    workdir = Path(args.workdir)
+    if rank == 0:
+        _make_plans(args, workdir)
+    dist.barrier()
+
+    from autoplan.capture import capture
+    from autoplan.errors import AutoplanError
+    from autoplan.graph import build_graph
+    from autoplan.models import resolve_model
+    from autoplan.plan import Plan
+    from autoplan.profiler.ops import profile_ops
+    from autoplan.runtime import apply
+    from autoplan.runtime.train import measure_steps
+
+    plans = {n: Plan.load(workdir / f"{n}.plan.json") for n, _, _ in PLANS if (workdir / f"{n}.plan.json").is_file()}
+    spec = resolve_model(args.model)
+    with torch.device("meta"):
+        meta_model = spec.build()
+
+    def inputs_fn(bb: int):
+        with torch.device("meta"):
+            return (*spec.example_inputs(bb, args.seq), spec.example_targets(bb, args.seq))
+
+    graph = build_graph(capture(meta_model, inputs_fn))
+    meshes = sorted({tuple(p.data["mesh"]["shape"]) for p in plans.values()})
+    t0 = time.perf_counter()
+    # micro-batches are pinned to 1: the micro-batch is the global batch, sharded by each strategy
+    times = profile_ops(graph, meshes, args.batch, "fp32", workdir / f"ops-rank{rank}.json", threads=1)
+    op_s = time.perf_counter() - t0
+    dist.barrier()
+
+    measured: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    for name, plan in plans.items():
+        try:
+            torch.manual_seed(0)
+            pm = apply(spec.build(), plan, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+            ts = measure_steps(pm, lambda i: _data(i, args.batch, args.seq), args.steps, args.warmup)
+            t = torch.tensor(_median(ts))
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            measured[name] = float(t)
+        except AutoplanError as exc:  # raised alike on every rank before any step (an unsupported plan)
+            failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        dist.barrier()
+
+    if rank == 0:
+        rows = []
+        for name, plan in plans.items():
+            if name not in measured:
+                continue
+            pred = plan.data["predicted"]["step_time_s"]
+            pred_op, used = _op_prediction(plan, graph, times)
+            rows.append({"plan": name, "mesh": plan.data["mesh"], "measured_s": measured[name], "predicted_s": pred,
+                         "predicted_with_op_profile_s": pred_op, "ops_from_profile": used})
+        print(f"model {args.model}, global batch {args.batch} x {args.seq}, {world} CPU ranks (gloo, 1 thread each), "
+              f"cluster {args.cluster}; median of {args.steps} steps after {args.warmup} warm-up. NOISY: 2 shared cores.")
+        print(f"op-level profile: {len(times)} keys, {times.stats}, {op_s:.1f} s")
+        print(f"{'plan':<9} {'mesh':<12} {'measured':>10} {'predicted':>10} {'+op prof':>10}")
+        for r in rows:
+            mesh = "x".join(f"{a}{s}" for a, s in zip(r["mesh"]["axis_names"], r["mesh"]["shape"]))
+            print(f"{r['plan']:<9} {mesh:<12} {r['measured_s'] * 1e3:8.0f}ms {r['predicted_s'] * 1e3:8.0f}ms "
+                  f"{r['predicted_with_op_profile_s'] * 1e3:8.0f}ms")
+        summary = {}
+        m = [r["measured_s"] for r in rows]
+        for key, label in (("predicted_s", "cost model"), ("predicted_with_op_profile_s", "cost model + op profile")):
+            p = [r[key] for r in rows]
+            rho = _spearman(p, m)
+            err = _median([abs(a - b) / b for a, b in zip(p, m)])
+            summary[key] = {"spearman": rho, "median_abs_rel_error": err}
+            print(f"{label:<26} Spearman {rho:+.2f}, median |error| {100 * err:.0f}%")
+        fastest = min(rows, key=lambda r: r["measured_s"])
+        choice = next((r for r in rows if r["plan"] == "planner"), None)
+        if choice:
+            ratio = choice["measured_s"] / fastest["measured_s"]
+            summary["planner_vs_fastest"] = ratio
+            print(f"planner's choice: {choice['measured_s'] * 1e3:.0f} ms, fastest {fastest['plan']} "
+                  f"{fastest['measured_s'] * 1e3:.0f} ms ({ratio:.2f}x)")
+        for n, _, _ in PLANS:
+            err = workdir / f"{n}.error"
+            if err.is_file():
+                print(f"{n}: not planned: {err.read_text()[:200]}")
+        for n, why in failed.items():
+            print(f"{n}: not run by the runtime: {why}")
+        print("pp: not run (autoplan.runtime applies SPMD plans; pipeline stages are not supported)")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    if "LOCAL_RANK" in os.environ:
+        worker()
+        return
+    args = _args()
+    with tempfile.TemporaryDirectory(prefix="autoplan-pvm-") as tmp:
+        argv = [a for a in sys.argv[1:]]
+        if args.workdir is None:
+            argv += ["--workdir", tmp]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+               os.path.abspath(__file__), *argv]
+        sys.exit(subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+
+
+if __name__ == "__main__":
+    main()
