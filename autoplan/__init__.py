@@ -18,4 +18,20 @@ def plan(*args, **kwargs):  # noqa: D103 - documented in autoplan.api.plan
 
 plan.__doc__ = "Plan the training of a model on a cluster (see autoplan.api.plan)."
 
-__all__ = ["AutoplanError", "Plan", "Prediction", "plan", "__version__"]
+
+def apply(*args, **kwargs):  # noqa: D103 - documented in autoplan.runtime.apply
+    from autoplan.runtime import apply as _apply
+
+    return _apply(*args, **kwargs)
+
+
+def plan_and_train(*args, **kwargs):  # noqa: D103 - documented in autoplan.runtime.plan_and_train
+    from autoplan.runtime import plan_and_train as _pt
+
+    return _pt(*args, **kwargs)
+
+
+apply.__doc__ = "Apply a plan to a model on every rank (see autoplan.runtime.apply)."
+plan_and_train.__doc__ = "Plan (or load a plan), apply, train, checkpoint (see autoplan.runtime.plan_and_train)."
+
+__all__ = ["AutoplanError", "Plan", "Prediction", "apply", "plan", "plan_and_train", "__version__"]

@@ -179,5 +179,9 @@ from autoplan.profiler.command import profile_command  # noqa: E402
 
 main.add_command(profile_command)
 
+from autoplan.runtime.launch import train_command  # noqa: E402
+
+main.add_command(train_command)
+
 if __name__ == "__main__":
     main()

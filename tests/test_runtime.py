@@ -62,6 +62,7 @@ def test_collectives_as_priced_on_64_fake_ranks(fake_world, force, mesh):
     assert not c["explained"]["unexplained"], c["explained"]["unexplained"]
     assert not pm.unplanned
     assert 0 < c["issued_bytes"] <= c["planned_bytes"]
+    assert sum(c["comm_debug_mode"].values()) == c["issued"]  # CommDebugMode sees the same collectives
     planned_kinds = {(k["phase"], k["kind"], k["axis"]) for k in plan.data["collectives"]}
     assert {tuple(k.split(":")) for k in c["by_kind"]} <= planned_kinds
 

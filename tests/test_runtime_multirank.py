@@ -67,6 +67,7 @@ def test_collectives_as_priced(report, case):
     why = c["explained"]
     assert not why["unexplained"], why["unexplained"]  # only known, documented differences
     assert c["issued_bytes"] <= c["planned_bytes"]
+    assert sum(c["comm_debug_mode"].values()) == c["issued"]  # CommDebugMode counts the same collectives
     if case.startswith(("gpt-tiny:megatron:tp=4", "llama-tiny:megatron:tp=4")):
         assert c["missing"] == [] and c["extra"] == []  # exactly the plan's collectives
 

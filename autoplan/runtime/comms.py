@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.debug import CommDebugMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from autoplan.plan import Plan
@@ -162,8 +163,9 @@ def check_step(pm: Any, *tensors: Any) -> dict[str, Any]:
     """Run one planned forward+backward under the recorder; the comparison and its explanation."""
     rec = CollectiveRecorder(pm.mesh, pm.trace)
     bucket, pm.bucket_grads = pm.bucket_grads, False  # one all-reduce per parameter, as the plan lists them
+    debug = CommDebugMode()
     try:
-        with rec:
+        with debug, rec:
             loss = pm.forward_backward(*tensors)
     finally:
         pm.bucket_grads = bucket
@@ -172,5 +174,6 @@ def check_step(pm: Any, *tensors: Any) -> dict[str, Any]:
     params = frozenset(n for n, node in graph.nodes.items() if node.kind == "param")
     result["explained"] = explain(pm.plan, result, graph.constant_derived(), params)
     result["by_kind"] = by_kind(rec.records)
+    result["comm_debug_mode"] = {str(k): v for k, v in debug.get_comm_counts().items()}  # PyTorch's own count
     result["loss"] = loss
     return result
