@@ -33,7 +33,10 @@ def _resized(t: torch.Tensor, batch: int) -> torch.Tensor:
 
 def _inputs_fn_for(model: nn.Module, example_inputs: Sequence[torch.Tensor], targets: torch.Tensor | None):
     """batch -> meta (inputs..., targets); targets follow the logits' shape when not given."""
-    if targets is None:
+    first = example_inputs[0]
+    if targets is None and not first.dtype.is_floating_point and first.dim() == 2:
+        target_shape: tuple[int, ...] = tuple(first.shape[1:])  # token ids (B, T): next-token targets (B, T)
+    elif targets is None:
         with torch.device("meta"):
             out = model(*[_resized(t, 2) for t in example_inputs])
         if not isinstance(out, torch.Tensor):

@@ -222,7 +222,12 @@ def capture(model: nn.Module, inputs_fn: InputsFn, *, method: str = "auto") -> C
 
 
 def clone_to_meta(model: nn.Module) -> nn.Module:
-    """A weightless copy of ``model`` for planning (parameters on the meta device)."""
+    """A weightless copy of ``model`` for planning; tied parameters stay tied (``Module.to("meta")`` unties them)."""
     if all(p.device.type == "meta" for p in model.parameters()):
         return model
-    return copy.deepcopy(model).to("meta")
+    memo: dict[int, object] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in memo:
+            empty = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)

@@ -31,6 +31,7 @@ aten = torch.ops.aten
 # kind -> spellings (functions, aten overloads/packets, method names)
 KINDS: dict[str, tuple[Any, ...]] = {
     "linear": (F.linear, aten.linear),
+    "addmm": (torch.addmm, aten.addmm),
     "matmul": (torch.matmul, operator.matmul, torch.bmm, torch.mm, aten.matmul, aten.mm, aten.bmm, "matmul", "bmm", "mm"),
     "embedding": (F.embedding, aten.embedding),
     "layer_norm": (F.layer_norm, aten.layer_norm),
@@ -125,6 +126,7 @@ class OpNode:
     module: str = ""  # owning module path, e.g. "blocks.3.attn.qkv"
     param: str | None = None  # qualified name for kind "param"/"buffer"
     trainable: bool = False
+    constant: bool = False  # computed from buffers and constants only: carries no gradient
 
 
 @dataclass
@@ -299,7 +301,10 @@ def build_graph(cap: Captured) -> OpGraph:
         for i, src in enumerate(n.inputs):
             dag.add_edge(src, n.name, index=i)
     fingerprint = _fingerprint(nodes)
-    return OpGraph(nodes, dag, loss, cap.method, fingerprint)
+    graph = OpGraph(nodes, dag, loss, cap.method, fingerprint)
+    for name in graph.constant_derived():
+        nodes[name].constant = True
+    return graph
 
 
 def _merge_duplicate_params(nodes: dict[str, OpNode]) -> None:
@@ -332,6 +337,27 @@ def _fingerprint(nodes: dict[str, OpNode]) -> str:
 # FLOPs and bytes of one forward pass
 
 
+def needs_value_in_backward(consumer: OpNode, pos: int) -> bool:
+    """Does ``consumer``'s backward read input ``pos`` (so FSDP must gather that weight again)?
+
+    A bias, an embedding table or a summand is not read: their gradients need only the output
+    gradient (and the indices).
+    """
+    kind = consumer.kind
+    if kind == "linear" or kind == "conv2d":
+        return pos == 1
+    if kind == "addmm":
+        return pos in (1, 2)
+    if kind in ("layer_norm", "rms_norm"):
+        return pos <= 1
+    if kind == "embedding":
+        return False
+    if kind == "elementwise":
+        name = consumer.target.split(".")[-2] if consumer.target.startswith("aten.") else consumer.target.split(".")[-1]
+        return name not in ("add", "sub", "iadd", "__add__", "__radd__", "neg")
+    return True
+
+
 def forward_flops(graph: OpGraph, node: OpNode, batch: int) -> float:
     """FLOPs of the op's forward at ``batch`` (global, unsharded); backward is priced as 2x."""
     out = node.out.numel(batch)
@@ -340,6 +366,8 @@ def forward_flops(graph: OpGraph, node: OpNode, batch: int) -> float:
         return 2.0 * out * ins[0].shape(batch)[-1]
     if node.kind == "matmul":
         return 2.0 * out * ins[0].shape(batch)[-1]
+    if node.kind == "addmm":  # addmm(bias, x, w): x (M, K) @ w (K, N) + bias
+        return 2.0 * out * ins[1].shape(batch)[-1]
     if node.kind == "conv2d":
         w = ins[1].shape(batch)
         groups = int(node.attrs.get("groups", node.attrs.get("arg6", 1)) or 1)

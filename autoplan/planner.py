@@ -11,7 +11,7 @@ from autoplan.baselines import allow_for, baselines
 from autoplan.cost.comm import Collective
 from autoplan.cost.model import BACKWARD_FACTOR, edge_collectives
 from autoplan.errors import InfeasibleError
-from autoplan.graph import OpGraph, forward_flops
+from autoplan.graph import OpGraph, forward_flops, needs_value_in_backward
 from autoplan.hardware import Cluster
 from autoplan.mesh import Mesh
 from autoplan.plan import SCHEMA, Plan, Prediction
@@ -105,11 +105,18 @@ def _ops_and_collectives(job: Job, ev: Evaluated) -> tuple[list, dict, dict, lis
     colls = []
     axis = mesh.axis_names
     m = cfg.micro_batches
+    reduced: set[str] = set()
     for u, v, data in graph.dag.edges(data=True):
         pos = data["index"]
         src = graph.nodes[u]
         fwd, bwd = edge_collectives(src, chosen[u], chosen[v], pos, cfg.micro_batch, mesh, cfg.dtype)
-        regather = fwd if src.kind == "param" else ()  # FSDP reshards after forward: gathers again in backward
+        regather = ()
+        if src.kind == "param":
+            if needs_value_in_backward(graph.nodes[v], pos):
+                regather = fwd  # FSDP reshards after forward: gathers again for this backward
+            if u in reduced:
+                bwd = ()  # a tied weight's gradients are summed locally and reduced once
+            reduced.add(u)
         for phase, cs in (("forward", fwd), ("backward", regather), ("backward", bwd)):
             for c in cs:
                 colls.append(_coll(c, axis, phase, u, v, pos, src.kind == "param", m))

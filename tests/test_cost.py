@@ -42,7 +42,7 @@ def test_latency_term_is_capped_by_a_tree_for_large_groups():
         ((Shard(0),), (Shard(1),), ["all_to_all"]),
         ((R,), (Shard(0),), []),
         ((R,), (P,), []),
-        ((Shard(0), P), (R, R), ["all_gather", "all_reduce"]),
+        ((Shard(0), P), (R, R), ["all_reduce", "all_gather"]),  # reduce the shard, then gather
     ],
 )
 def test_transitions_issue_the_collectives_of_dtensor_redistribute(src, dst, kinds):

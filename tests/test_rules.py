@@ -58,6 +58,10 @@ def test_linear_rules_compute_the_full_result_including_column_and_row_parallel(
     _check("linear", F.linear, [x, w])
 
 
+def test_addmm_rules_cover_rows_columns_and_contraction():
+    _check("addmm", torch.addmm, [torch.randn(10), torch.randn(6, 8), torch.randn(8, 10)])
+
+
 def test_matmul_rules_cover_batch_rows_columns_and_contraction():
     _check("matmul", torch.matmul, [torch.randn(2, 4, 6, 8), torch.randn(2, 4, 8, 6)])
 

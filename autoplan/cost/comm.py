@@ -65,6 +65,9 @@ def _axis_collective(src: Placement, dst: Placement) -> str | None:
     return "all_gather" if isinstance(dst, Replicate) else "all_to_all"
 
 
+_ORDER = {None: 0, "reduce_scatter": 1, "all_reduce": 2, "all_to_all": 3, "all_gather": 4}
+
+
 @lru_cache(maxsize=1 << 18)
 def transition(
     shape: tuple[int, ...], elem_bytes: int, src: Placements, dst: Placements, mesh_shape: tuple[int, ...]
@@ -72,7 +75,10 @@ def transition(
     """Collectives that turn a tensor placed ``src`` into ``dst``, one mesh axis at a time."""
     out = []
     state = list(src)
-    for axis, (a, b) in enumerate(zip(src, dst)):
+    # local moves (chunks) first so later collectives move less; reductions before gathers
+    order = sorted(range(len(src)), key=lambda ax: _ORDER[_axis_collective(src[ax], dst[ax])])
+    for axis in order:
+        a, b = src[axis], dst[axis]
         kind = _axis_collective(a, b)
         before = _local_bytes(shape, elem_bytes, tuple(state), mesh_shape)
         state[axis] = b

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from autoplan.cost.comm import Collective, dual, seconds, transition
-from autoplan.graph import ALIAS_KINDS, OpGraph, OpNode, forward_flops
+from autoplan.graph import ALIAS_KINDS, OpGraph, OpNode, forward_flops, needs_value_in_backward
 from autoplan.hardware import Cluster
 from autoplan.mesh import Mesh
 from autoplan.repeats import Tying
@@ -102,7 +102,7 @@ def _attrs_key(attrs: dict) -> tuple:
 
 
 def differentiable(node: OpNode) -> bool:
-    return node.out.is_float and node.kind not in ("input", "buffer", "constant")
+    return node.out.is_float and node.kind not in ("input", "buffer", "constant") and not node.constant
 
 
 def node_strategies(graph: OpGraph, node: OpNode, mesh: Mesh, batch: int) -> tuple[Strategy, ...]:
@@ -200,6 +200,7 @@ class EdgeTerms:
     param: bool  # the producer is a parameter
     consumers: int  # ops that read the producer (parameters: their gradient is reduced once)
     redo: bool  # consumer is in a recomputed block (its forward resharding runs twice)
+    regather: bool  # a sharded parameter is gathered again in backward (its consumer's backward reads it)
     fwd: Linear | Exact  # (k_u, k_v) matrices, seconds per micro-batch
     bwd: Linear | Exact
     bwd_reduce: Linear | Exact  # the all-reduce part of bwd
@@ -286,7 +287,7 @@ def price_mesh(graph: OpGraph, tying: Tying, mesh: Mesh, cluster: Cluster, dtype
         fwd, bwd, red = _edge_terms(u, pos, su, sv, mesh, links, dtype, exact)
         consumers = graph.dag.out_degree(ru) if u.kind == "param" else 1
         mp.edges.append(EdgeTerms(index[ru], index[rv], pos, w, u.kind == "param", consumers,
-                                  recompute_blocks and rv in tying.in_block, fwd, bwd, red))
+                                  recompute_blocks and rv in tying.in_block, needs_value_in_backward(v, pos), fwd, bwd, red))
     return mp
 
 
@@ -320,7 +321,8 @@ def assemble(mp: MeshPricing, tying: Tying, cfg: StepConfig, mem_budget: float |
         if e.param:
             red = e.bwd_reduce.at(b)
             act = np.zeros_like(fwd)
-            sync = e.weight * (m * 2 * fwd + (red + m * (bwd - red)) / e.consumers)
+            gathers = (2 if e.regather else 1) * fwd  # FSDP: forward, and again in backward after resharding
+            sync = e.weight * (m * gathers + (red + m * (bwd - red)) / e.consumers)
         else:
             redo = 1 if (cfg.recompute and e.redo) else 0
             act = e.weight * m * ((1 + redo) * fwd + bwd)

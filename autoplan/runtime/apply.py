@@ -29,7 +29,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor import Replicate as DReplicate
 
-from autoplan.capture import Captured, capture
+from autoplan.capture import clone_to_meta, Captured, capture
 from autoplan.errors import AutoplanError, PlanMismatchError
 from autoplan.graph import SHAPE_ONLY_SECOND_ARG, OpGraph, build_graph
 from autoplan.plan import Plan
@@ -89,13 +89,8 @@ def _lm_inputs_fn(seq: int) -> Callable[[int], tuple[torch.Tensor, ...]]:
 
 
 def meta_clone(model: nn.Module) -> nn.Module:
-    """A weightless copy that keeps tied parameters tied (``Module.to("meta")`` unties them)."""
-    memo: dict[int, Any] = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in memo:
-            empty = torch.empty_like(t, device="meta")
-            memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
-    return copy.deepcopy(model, memo)
+    """A weightless copy that keeps tied parameters tied (see ``autoplan.capture.clone_to_meta``)."""
+    return clone_to_meta(model)
 
 
 def _example_inputs_fn(meta_model: nn.Module, example: Sequence[torch.Tensor], targets: torch.Tensor | None):

@@ -95,6 +95,20 @@ def matmul_rules(c: RuleCtx) -> list[AxisRule]:
     return rules
 
 
+@rule("addmm")
+def addmm_rules(c: RuleCtx) -> list[AxisRule]:
+    """addmm(bias, x, w) = bias + x @ w with x (M, K), w (K, N) (transformers' GPT-2 Conv1D)."""
+    if len(c.in_shapes) != 3 or len(c.in_shapes[1]) != 2 or len(c.in_shapes[2]) != 2:
+        return []
+    bias_cols = Shard(len(c.in_shapes[0]) - 1) if c.in_shapes[0] else R
+    return [
+        AxisRule(Shard(0), (R, Shard(0), R)),  # rows
+        AxisRule(Shard(1), (bias_cols, R, Shard(1))),  # columns
+        AxisRule(P, (P, Shard(1), Shard(0))),  # contraction
+        AxisRule(P, (P, P, R)),
+    ]
+
+
 @rule("conv2d")
 def conv2d_rules(c: RuleCtx) -> list[AxisRule]:
     bias = len(c.in_shapes) > 2
@@ -314,8 +328,10 @@ def split_rules(c: RuleCtx) -> list[AxisRule]:
 
 @rule("slice")
 def slice_rules(c: RuleCtx) -> list[AxisRule]:
+    if len(c.in_shapes) != 1:  # e.g. slicing a tensor built from sizes: replicate only
+        return []
     src, dst = c.in_shapes[0], c.out_shape
-    if len(src) != len(dst) or len(c.in_shapes) != 1:
+    if len(src) != len(dst):
         return []
     return [AxisRule(Shard(d), (Shard(d),)) for d in range(len(src)) if src[d] == dst[d]] + [AxisRule(P, (P,))]
 
