@@ -36,8 +36,8 @@ def _batch_sharded(node: OpNode, s: Strategy, axes: tuple[int, ...]) -> bool:
 
 def _keeps_batch_split(node: OpNode, s: Strategy, axes: tuple[int, ...]) -> bool:
     """Activations stay split along the batch on the data-parallel ``axes`` (no gathering the batch)."""
-    if not node.out.batch_dims:
-        return True
+    if not node.out.batch_dims or node.kind == "unknown" or not node.out.is_float:
+        return True  # ops with no sharding rule, and integer/boolean masks, may stay replicated
     bdim = min(node.out.batch_dims)
     return all(s.out[a] == Shard(bdim) for a in axes)
 

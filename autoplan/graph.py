@@ -349,11 +349,11 @@ def needs_value_in_backward(consumer: OpNode, pos: int) -> bool:
     if kind == "addmm":
         return pos in (1, 2)
     if kind in ("layer_norm", "rms_norm"):
-        return pos <= 1
+        return True  # aten's norm backward takes weight and bias
     if kind == "embedding":
         return False
     if kind == "elementwise":
-        name = consumer.target.split(".")[-2] if consumer.target.startswith("aten.") else consumer.target.split(".")[-1]
+        name = consumer.target.removeprefix("aten.").split(".")[0]
         return name not in ("add", "sub", "iadd", "__add__", "__radd__", "neg")
     return True
 

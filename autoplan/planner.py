@@ -114,8 +114,8 @@ def _ops_and_collectives(job: Job, ev: Evaluated) -> tuple[list, dict, dict, lis
         if src.kind == "param":
             if needs_value_in_backward(graph.nodes[v], pos):
                 regather = fwd  # FSDP reshards after forward: gathers again for this backward
-            if u in reduced:
-                bwd = ()  # a tied weight's gradients are summed locally and reduced once
+            if u in reduced:  # a tied weight's all-reduced gradients are summed locally and reduced once
+                bwd = tuple(c for c in bwd if c.kind != "all_reduce")
             reduced.add(u)
         for phase, cs in (("forward", fwd), ("backward", regather), ("backward", bwd)):
             for c in cs:

@@ -123,3 +123,28 @@ def test_zoo_plan_on_a_dgx_h100_node_is_no_worse_than_any_baseline(name, nodes, 
 @pytest.mark.parametrize("name,nodes,batch,seq", ZOO_ON_H100_LARGE)
 def test_large_zoo_plans_on_dgx_h100_nodes_are_no_worse_than_any_baseline(name, nodes, batch, seq):
     _check_beats_baselines(name, nodes, batch, seq)
+
+
+def test_transformers_models_are_captured_by_export_and_planned():
+    tf = pytest.importorskip("transformers")
+
+    class CausalLM(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, idx):
+            return self.inner(input_ids=idx, use_cache=False, return_dict=False)[0]
+
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=64))
+    llama = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                               max_position_embeddings=64))
+    for model in (gpt2, llama):
+        plan = autoplan.plan(CausalLM(model), (torch.zeros(8, 32, dtype=torch.long),), cluster="dgx-h100", devices=4)
+        assert plan.data["model"]["capture"] == "export"
+        assert plan.predicted.fits and plan.predicted.step_time_s > 0
+        assert plan.data["model"]["num_params"] == sum(p.numel() for p in model.parameters())
+        for base in plan.baselines.values():
+            if base.step_time_s is not None:
+                assert plan.predicted.step_time_s <= base.step_time_s * (1 + 1e-9)

@@ -322,7 +322,8 @@ def assemble(mp: MeshPricing, tying: Tying, cfg: StepConfig, mem_budget: float |
             red = e.bwd_reduce.at(b)
             act = np.zeros_like(fwd)
             gathers = (2 if e.regather else 1) * fwd  # FSDP: forward, and again in backward after resharding
-            sync = e.weight * (m * gathers + (red + m * (bwd - red)) / e.consumers)
+            # a tied weight's all-reduced gradient is summed locally and reduced once; sharded ones per edge
+            sync = e.weight * (m * gathers + red / e.consumers + m * (bwd - red))
         else:
             redo = 1 if (cfg.recompute and e.redo) else 0
             act = e.weight * m * ((1 + redo) * fwd + bwd)

@@ -88,6 +88,13 @@ def _lm_inputs_fn(seq: int) -> Callable[[int], tuple[torch.Tensor, ...]]:
     return fn
 
 
+_EXPORT_ASSERTS = tuple(
+    getattr(torch.ops.aten, name).default
+    for name in ("_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size")
+    if hasattr(torch.ops.aten, name)
+)
+
+
 def meta_clone(model: nn.Module) -> nn.Module:
     """A weightless copy that keeps tied parameters tied (see ``autoplan.capture.clone_to_meta``)."""
     return clone_to_meta(model)
@@ -261,6 +268,8 @@ class ParallelModel:
 
     def _call(self, node: fx.Node, args: Any, kwargs: Any, op: OpPlan | None) -> Any:
         target = node.target
+        if target in _EXPORT_ASSERTS:
+            return None  # torch.export's metadata checks record the planning (meta) device: not a computation
         if node.op == "call_method":
             self_obj, *rest = args
             return getattr(self_obj, target)(*rest, **kwargs)

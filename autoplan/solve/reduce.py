@@ -133,6 +133,13 @@ def solve_reduced(p: Problem, *, max_table_size: int = 50_000_000) -> Solution:
     started = time.perf_counter()
     red = reduce_problem(p)
     choice: tuple[int, ...] = ()
+    solver, gap = "dp", 0.0
     if red.survivors:
-        choice = solve_dp(red.problem, max_table_size=max_table_size).choice
-    return make_solution(p, red.expand(choice), "dp", started, 0.0)
+        try:
+            choice = solve_dp(red.problem, max_table_size=max_table_size).choice
+        except ValueError:  # dependent sets too wide for the DP tables: CP-SAT on what is left
+            from autoplan.solve.ilp import solve_ilp
+
+            sol = solve_ilp(red.problem, time_limit_s=60.0, threads=2)
+            choice, solver, gap = sol.choice, "ilp", sol.gap
+    return make_solution(p, red.expand(choice), solver, started, gap)

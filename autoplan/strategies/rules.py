@@ -203,7 +203,8 @@ _MULTIPLICATIVE = {"mul", "imul", "__mul__", "__rmul__", "div", "truediv"}
 
 
 def _base_name(target: str) -> str:
-    return target.split(".")[-2] if target.startswith("aten.") and target.count(".") >= 2 else target.split(".")[-1]
+    """``aten.add.Tensor``, ``add.Tensor`` (an overload's __name__), ``add`` -> ``add``."""
+    return target.removeprefix("aten.").split(".")[0]
 
 
 def broadcast_rules(c: RuleCtx, allow_partial: bool) -> list[AxisRule]:
