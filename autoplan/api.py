@@ -117,6 +117,7 @@ def plan(
     name: str | None = None,
     force: str | None = None,
     pipeline: bool = False,
+    progress=None,
 ) -> Plan:
     """Plan the training of ``model`` on ``cluster``; see the README for every option.
 
@@ -135,7 +136,8 @@ def plan(
         solver=solver,
         memory_bytes=memory_bytes,
     )
-    return make_plan(job, mesh=parsed_mesh, options=options, with_baselines=baselines, force=force, pipeline=pipeline)
+    return make_plan(job, mesh=parsed_mesh, options=options, with_baselines=baselines, force=force, pipeline=pipeline,
+                     progress=progress)
 
 
 def _default_seq(spec: ModelSpec) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import click
@@ -25,25 +26,9 @@ def fmt_seconds(s: float | None) -> str:
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
 
 
-def summary_table(summary: dict[str, Any]) -> str:
-    mesh = " x ".join(f"{k}={v}" for k, v in summary["mesh"].items())
-    lines = [
-        f"model {summary['model']} on {summary['world_size']} x {summary['cluster']}: mesh {mesh}, "
-        f"{summary['micro_batches']} micro-batch(es), recompute {summary['recompute']}",
-        "",
-        f"{'plan':<10} {'step time':>12} {'MFU':>7} {'memory/dev':>12} {'fits':>5}  mesh",
-    ]
-
-    def row(name: str, d: dict[str, Any]) -> str:
-        mfu = f"{100 * d['mfu']:.1f}%" if d.get("mfu") is not None else "-"
-        m = " x ".join(f"{k}={v}" for k, v in (d.get("mesh") or {}).items())
-        return f"{name:<10} {fmt_seconds(d.get('step_time_s')):>12} {mfu:>7} {fmt_bytes(d.get('peak_memory_bytes')):>12} {('yes' if d.get('fits') else 'NO'):>5}  {m}"
-
-    lines.append(row("autoplan", summary))
-    for name, b in summary["baselines"].items():
-        lines.append(row(name, b))
+def solver_line(summary: dict[str, Any]) -> str:
     s = summary["solver"]
-    lines += ["", f"solver {s['name']} ({fmt_seconds(s['seconds'])}, gap {s['gap']:.2g}); search {fmt_seconds(s['search_seconds'])} over {s['configurations']} configurations"]
+    lines = [f"solver {s['name']} ({fmt_seconds(s['seconds'])}, gap {s['gap']:.2g}); search {fmt_seconds(s['search_seconds'])} over {s['configurations']} configurations"]
     pipe = summary.get("pipeline_alternative")
     if pipe and pipe.get("found"):
         c, e = pipe["config"], pipe["predicted"]
@@ -53,6 +38,31 @@ def summary_table(summary: dict[str, Any]) -> str:
     if summary.get("unsupported_ops"):
         lines.append("replicated (no sharding rule): " + ", ".join(summary["unsupported_ops"]))
     return "\n".join(lines)
+
+
+class _SearchProgress:
+    """A progress bar on stderr while the search runs (only on a terminal)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.bar = None
+        self.label = ""
+
+    def __enter__(self):
+        return self if self.enabled else None
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if label != self.label:
+            if self.bar is not None:
+                self.bar.render_finish()
+            self.label = label
+            self.bar = click.progressbar(length=total, label=label, file=sys.stderr)
+            self.bar.render_progress()
+        self.bar.update(done - self.bar.pos)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.render_finish()
 
 
 @click.group()
@@ -90,17 +100,23 @@ def plan_cmd(model: str, cluster: str, nodes: int | None, devices: int | None, g
             counts = [int(x) for x in micro_batches.split(",")]
         except ValueError:
             raise AutoplanError(f"--micro-batches {micro_batches!r}: give whole numbers separated by commas, e.g. 1,2,4") from None
-    result = plan(model, cluster=cluster, nodes=nodes, devices=devices, global_batch=global_batch, seq_len=seq_len,
-                  dtype=dtype, mesh=mesh, micro_batches=counts,
-                  memory_bytes=memory_gib * 2**30 if memory_gib else None, solver=solver, baselines=not no_baselines,
-                  pipeline=pipeline)
+    with _SearchProgress(enabled=not as_json) as progress:
+        result = plan(model, cluster=cluster, nodes=nodes, devices=devices, global_batch=global_batch, seq_len=seq_len,
+                      dtype=dtype, mesh=mesh, micro_batches=counts,
+                      memory_bytes=memory_gib * 2**30 if memory_gib else None, solver=solver, baselines=not no_baselines,
+                      pipeline=pipeline, progress=progress)
     if output:
         result.save(output)
     summary = result.summary()
     if as_json:
         click.echo(json.dumps(summary, default=str))
     else:
-        click.echo(summary_table(summary))
+        from autoplan.report.text import summary as rich_summary
+
+        click.echo(rich_summary(result.data, color=sys.stdout.isatty()))
+        extra = solver_line(summary).splitlines()[1:]  # the summary already has the solver line
+        if extra:
+            click.echo("\n".join(extra))
         if output:
             click.echo(f"plan written to {output}")
 

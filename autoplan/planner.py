@@ -151,7 +151,8 @@ def _layer(module: str) -> str:
 
 
 def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = SearchOptions(),
-              with_baselines: bool = True, force: str | None = None, pipeline: bool = False) -> Plan:
+              with_baselines: bool = True, force: str | None = None, pipeline: bool = False,
+              progress=None) -> Plan:
     """Search, then price the baselines, then write everything into a Plan.
 
     ``force`` ("ddp", "fsdp", "megatron") restricts the plan to one family on ``mesh`` (or on
@@ -166,7 +167,7 @@ def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = Se
                         Mesh((job.devices,), ("dp",)))
         allow = allow_for(force, mesh)
     result = search(job.graph, job.tying, job.cluster, devices=job.devices, global_batch=job.global_batch,
-                    mesh=mesh, options=options, allow=allow, cache=cache)
+                    mesh=mesh, options=options, allow=allow, cache=cache, progress=progress)
     best = result.best
     predicted = predict(job, best, budget)
     base: dict[str, Any] = {}

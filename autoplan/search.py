@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -110,6 +111,7 @@ def search(
     options: SearchOptions = SearchOptions(),
     allow: Allow | None = None,
     cache: dict | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> SearchResult:
     """The best configuration over meshes x micro-batches x recompute (see the module docstring).
 
@@ -123,7 +125,9 @@ def search(
     counts = micro_batch_counts(global_batch, options)
     cache = {} if cache is None else cache  # mesh pricings, shared by the plan's and the baselines' searches
     pricings = {}
-    for msh in meshes:
+    for i, msh in enumerate(meshes):
+        if progress is not None:
+            progress("pricing meshes", i, len(meshes))
         key = (msh.shape, options.dtype, options.attention)
         if key not in cache:
             cache[key] = price_mesh(graph, tying, msh, cluster, options.dtype, attention=options.attention)
@@ -132,7 +136,9 @@ def search(
     configs = [(msh, StepConfig(global_batch, m, rc, options.dtype)) for msh in meshes for m in counts for rc in recomputes]
     solver_seconds: dict[str, float] = {}
     bounds = []
-    for msh, cfg in configs:
+    for done, (msh, cfg) in enumerate(configs):
+        if progress is not None:
+            progress("configurations", done, len(configs))
         priced = assemble(pricings[msh], tying, cfg, budget)
         if allow:
             priced = _restrict(priced, masks[msh])
