@@ -9,7 +9,7 @@ from typing import Any
 from autoplan import __version__
 from autoplan.baselines import allow_for, baselines
 from autoplan.cost.comm import Collective
-from autoplan.cost.model import BACKWARD_FACTOR, edge_collectives
+from autoplan.cost.model import BACKWARD_FACTOR, GENERIC_BATCH, edge_collectives
 from autoplan.errors import InfeasibleError
 from autoplan.graph import OpGraph, forward_flops, needs_value_in_backward
 from autoplan.hardware import Cluster
@@ -122,16 +122,10 @@ def _ops_and_collectives(job: Job, ev: Evaluated) -> tuple[list, dict, dict, lis
                 colls.append(_coll(c, axis, phase, u, v, pos, src.kind == "param", m))
     for name, node in graph.nodes.items():
         for kind, ax, nbytes in chosen[name].comm:
-            colls.append({"phase": "forward", "kind": kind, "axis": axis[ax], "bytes": nbytes * cfg.micro_batch / _generic(),
+            colls.append({"phase": "forward", "kind": kind, "axis": axis[ax], "bytes": nbytes * cfg.micro_batch / GENERIC_BATCH,
                           "src": name, "dst": name, "input": -1, "per_step": m})
     layers = [{"layer": k, **v} for k, v in per_layer.items()]
     return ops, params, data_inputs, colls, layers
-
-
-def _generic() -> int:
-    from autoplan.cost.model import GENERIC_BATCH
-
-    return GENERIC_BATCH
 
 
 def _coll(c: Collective, axis_names, phase: str, u: str, v: str, pos: int, param: bool, m: int) -> dict[str, Any]:

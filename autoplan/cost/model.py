@@ -178,7 +178,7 @@ class Exact:
         return self._memo[batch]
 
 
-def _fit(f, exact: bool = False) -> Linear | Exact:
+def _fit(f, exact: bool = False, batch_free: bool = False) -> Linear | Exact:
     """Fit f(batch) (bytes and FLOPs are proportional to the batch, latencies constant) from two points.
 
     ``exact``: evaluate f at every micro-batch instead (profiles with measured, non-affine curves).
@@ -186,6 +186,9 @@ def _fit(f, exact: bool = False) -> Linear | Exact:
     if exact:
         return Exact(f)
     g = GENERIC_BATCH
+    if batch_free:  # nothing grows with the batch (parameter edges): one evaluation
+        v = np.asarray(f(g), dtype=np.float64)
+        return Linear(np.zeros_like(v), v)
     v1, v2 = np.asarray(f(g), dtype=np.float64), np.asarray(f(2 * g), dtype=np.float64)
     slope = (v2 - v1) / g
     return Linear(slope, v1 - slope * g)
@@ -281,10 +284,11 @@ def price_mesh(graph: OpGraph, tying: Tying, mesh: Mesh, cluster: Cluster, dtype
     weights: dict[tuple[str, str, int], int] = defaultdict(int)
     for u, v, data in graph.dag.edges(data=True):
         weights[(tying.rep[u], tying.rep[v], data["index"])] += 1
+    memo: dict = {}
     for (ru, rv, pos), w in weights.items():
         u, v = graph.nodes[ru], graph.nodes[rv]
         su, sv = mp.strategies[index[ru]], mp.strategies[index[rv]]
-        fwd, bwd, red = _edge_terms(u, pos, su, sv, mesh, links, dtype, exact)
+        fwd, bwd, red = _edge_terms(u, pos, su, sv, mesh, links, dtype, exact, memo)
         consumers = graph.dag.out_degree(ru) if u.kind == "param" else 1
         mp.edges.append(EdgeTerms(index[ru], index[rv], pos, w, u.kind == "param", consumers,
                                   recompute_blocks and rv in tying.in_block, needs_value_in_backward(v, pos), fwd, bwd, red))
@@ -358,25 +362,44 @@ def _unique(items: list) -> tuple[list, np.ndarray]:
     return list(pos), idx
 
 
-def _edge_terms(u: OpNode, pos: int, su, sv, mesh: Mesh, links, dtype: str, exact: bool = False) -> tuple:
-    """Forward resharding, backward gradient resharding and its all-reduce part, per strategy pair."""
+def _edge_terms(u: OpNode, pos: int, su, sv, mesh: Mesh, links, dtype: str, exact: bool = False,
+                memo: dict | None = None) -> tuple:
+    """Forward resharding, backward gradient resharding and its all-reduce part, per strategy pair.
+
+    ``memo`` (shared across a mesh's edges) maps placements to small ints and caches moves by
+    (shape, ids): hashing placement tuples in the inner loop dominated pricing time.
+    """
+    memo = {} if memo is None else memo
+    ids = memo.setdefault("ids", {})
+    moves = memo.setdefault("moves", {})
     eb = elem_bytes(u, dtype)
     grads = differentiable(u)
     outs, ui = _unique([sa.out for sa in su])
     needs, vi = _unique([(sb.ins[pos], sb.grads[pos]) for sb in sv])
+    out_ids = [ids.setdefault(o, len(ids)) for o in outs]
+    back_ids = [ids.setdefault(dual(o), len(ids)) for o in outs]
+    need_ids = [ids.setdefault(n, len(ids)) for n, _ in needs]
+    grad_ids = [ids.setdefault(g, len(ids)) for _, g in needs]
+    by_id = {i: p for p, i in ids.items()}
+
+    def move(shape, src: int, dst: int) -> tuple[float, float]:
+        key = (shape, eb, src, dst)
+        if key not in moves:
+            moves[key] = _move_seconds(shape, eb, by_id[src], by_id[dst], mesh.shape, links)
+        return moves[key]
 
     def matrices(b: int) -> np.ndarray:
         shape = u.out.shape(b)
         res = np.zeros((3, len(outs), len(needs)))
-        for a, out in enumerate(outs):
-            back = dual(out)
-            for k, (need, grad) in enumerate(needs):
-                res[0, a, k] = _move_seconds(shape, eb, out, need, mesh.shape, links)[0]
+        for a in range(len(outs)):
+            o, back = out_ids[a], back_ids[a]
+            for k in range(len(needs)):
+                res[0, a, k] = move(shape, o, need_ids[k])[0]
                 if grads:
-                    res[1, a, k], res[2, a, k] = _move_seconds(shape, eb, grad, back, mesh.shape, links)
+                    res[1, a, k], res[2, a, k] = move(shape, grad_ids[k], back)
         return res[:, ui][:, :, vi]
 
-    fit = _fit(matrices, exact)
+    fit = _fit(matrices, exact, batch_free=not u.out.batch_dims)
     if isinstance(fit, Exact):
         return tuple(Exact(lambda b, i=i: fit.at(b)[i]) for i in range(3))  # type: ignore[return-value]
     return tuple(Linear(fit.slope[i], fit.intercept[i]) for i in range(3))  # type: ignore[return-value]

@@ -16,7 +16,6 @@ their gradients reduce-scattered per micro-batch.
 from __future__ import annotations
 
 import contextlib
-import copy
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
