@@ -8,7 +8,7 @@ from typing import Any
 
 from autoplan import __version__
 from autoplan.baselines import allow_for, baselines
-from autoplan.cost.comm import Collective
+from autoplan.cost.comm import Collective, collective_seconds
 from autoplan.cost.model import BACKWARD_FACTOR, GENERIC_BATCH, edge_collectives
 from autoplan.errors import InfeasibleError
 from autoplan.graph import OpGraph, forward_flops, needs_value_in_backward
@@ -124,6 +124,15 @@ def _ops_and_collectives(job: Job, ev: Evaluated) -> tuple[list, dict, dict, lis
         for kind, ax, nbytes in chosen[name].comm:
             colls.append({"phase": "forward", "kind": kind, "axis": axis[ax], "bytes": nbytes * cfg.micro_batch / GENERIC_BATCH,
                           "src": name, "dst": name, "input": -1, "per_step": m})
+    # communication per layer, from the collectives listed above (gradient sync goes with the parameter's layer)
+    links = dict(zip(mesh.axis_names, mesh.links(job.cluster)))
+    sizes = mesh.as_dict()
+    for c in colls:
+        owner = c["src"] if graph.nodes[c["src"]].kind == "param" else c["dst"]
+        node = graph.nodes[owner]
+        layer = _layer(node.param.rsplit(".", 1)[0] if node.kind == "param" and node.param else node.module)
+        t = collective_seconds(c["kind"], c["bytes"], sizes[c["axis"]], links[c["axis"]])
+        per_layer[layer]["comm_s"] += t * c["per_step"]
     layers = [{"layer": k, **v} for k, v in per_layer.items()]
     return ops, params, data_inputs, colls, layers
 

@@ -148,3 +148,14 @@ def test_transformers_models_are_captured_by_export_and_planned():
         for base in plan.baselines.values():
             if base.step_time_s is not None:
                 assert plan.predicted.step_time_s <= base.step_time_s * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("force,mesh", [("megatron", "dp=2,tp=4"), ("fsdp", None), (None, None)])
+def test_per_layer_split_and_listed_collectives_add_up_to_the_predicted_step(force, mesh):
+    plan = autoplan.plan("gpt2:layers=4", cluster="dgx-h100", devices=8, global_batch=32, seq_len=1024,
+                         baselines=False, force=force, mesh=mesh, micro_batches=[2])
+    layers = plan.data["predicted"]["per_layer"]
+    assert sum(l["compute_s"] for l in layers) == pytest.approx(plan.predicted.compute_s, rel=1e-9)
+    assert sum(l["comm_s"] for l in layers) == pytest.approx(plan.predicted.comm_s, rel=1e-9)
+    assert plan.predicted.step_time_s == pytest.approx(
+        plan.predicted.compute_s + plan.predicted.comm_s + plan.predicted.optimizer_s, rel=1e-9)
