@@ -12,14 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
-from autoplan.capture import capture
+from autoplan.api import prepare_job
 from autoplan.errors import InfeasibleError
-from autoplan.graph import build_graph
-from autoplan.hardware import load_cluster
-from autoplan.models import resolve_model
-from autoplan.repeats import find_repeats
 from autoplan.search import search
 
 BATCH = {"gpt2": 512, "llama3-8b": 512, "gpt3-175b": 1536, "llama3-405b": 2048}
@@ -34,20 +28,10 @@ def main() -> None:
     args = ap.parse_args()
     print(f"{'model':<12} {'devices':>7} {'capture s':>9} {'search s':>9} {'total s':>8} {'configs':>7} {'budgeted':>8}  {'mesh':<14} {'step s':>8}")
     for name in args.models.split(","):
-        spec = resolve_model(name)
-        seq = SEQ.get(name, 1024)
         t0 = time.perf_counter()
-        with torch.device("meta"):
-            model = spec.build()
-
-        def inputs_fn(b: int):
-            with torch.device("meta"):
-                return (*spec.example_inputs(b, seq), spec.example_targets(b, seq))
-
-        graph = build_graph(capture(model, inputs_fn))
-        tying = find_repeats(graph)
+        job = prepare_job(name, cluster=CLUSTER.get(name, "dgx-h100"), devices=8, seq_len=SEQ.get(name, 1024))
+        graph, tying, cluster = job.graph, job.tying, job.cluster
         t_capture = time.perf_counter() - t0
-        cluster = load_cluster(CLUSTER.get(name, "dgx-h100"))
         for devices in (int(d) for d in args.devices.split(",")):
             t1 = time.perf_counter()
             try:

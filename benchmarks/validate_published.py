@@ -17,17 +17,11 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
-from autoplan.capture import capture
+from autoplan.api import prepare_job
 from autoplan.errors import InfeasibleError
 from autoplan.estimate import EstimateConfig, estimate
-from autoplan.graph import build_graph
 from autoplan.hardware import load_cluster
-from autoplan.models import resolve_model
 from autoplan.pipeline_search import search_pipeline
-from autoplan.planner import Job
-from autoplan.repeats import find_repeats
 from autoplan.search import SearchOptions, search
 
 SEQ, VOCAB = 2048, 51200
@@ -50,19 +44,6 @@ def eq3_flops(batch: int, layers: int, hidden: int) -> float:
     return 96 * batch * SEQ * layers * hidden**2 * (1 + SEQ / (6 * hidden) + VOCAB / (16 * layers * hidden))
 
 
-def capture_gpt(layers: int, hidden: int, heads: int) -> tuple:
-    spec = resolve_model(f"gpt:layers={layers},hidden={hidden},heads={heads},vocab={VOCAB},seq={SEQ}")
-    with torch.device("meta"):
-        model = spec.build()
-
-    def inputs_fn(b: int):
-        with torch.device("meta"):
-            return (*spec.example_inputs(b, SEQ), spec.example_targets(b, SEQ))
-
-    graph = build_graph(capture(model, inputs_fn))
-    return spec.name, graph, find_repeats(graph)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="0:10", help="python slice of Table 1 rows")
@@ -75,8 +56,9 @@ def main() -> None:
     errors = []
     for row in TABLE1[lo:hi]:
         params, layers, hidden, heads, gpus, tp, pp, dp, mb, batch, v, published = row
-        name, graph, tying = capture_gpt(layers, hidden, heads)
-        job = Job(name, graph, tying, cluster, gpus, batch, SEQ)
+        job = prepare_job(f"gpt:layers={layers},hidden={hidden},heads={heads},vocab={VOCAB},seq={SEQ}",
+                          cluster=cluster, devices=gpus, global_batch=batch, seq_len=SEQ)
+        graph, tying = job.graph, job.tying
         cfg = EstimateConfig(tp=tp, pp=pp, dp=dp, virtual_stages=v, micro_batch=mb, recompute="full",
                              dtype="fp16", attention="unfused")
         est = estimate(job, cfg)

@@ -2,23 +2,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from autoplan.capture import capture
-from autoplan.graph import OpGraph, build_graph
-from autoplan.models import resolve_model
+from autoplan.api import prepare_job
+from autoplan.graph import OpGraph
 
 
 def capture_zoo(spec_name: str, seq: int, method: str = "auto") -> OpGraph:
-    spec = resolve_model(spec_name)
-    with torch.device("meta"):
-        model = spec.build()
-
-    def inputs_fn(b: int):
-        with torch.device("meta"):
-            return (*spec.example_inputs(b, seq), spec.example_targets(b, seq))
-
-    return build_graph(capture(model, inputs_fn, method=method))
+    return prepare_job(spec_name, cluster="cpu", devices=1, seq_len=seq, capture_method=method).graph
 
 
 @pytest.fixture(scope="session")
