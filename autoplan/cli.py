@@ -32,12 +32,28 @@ def solver_line(summary: dict[str, Any]) -> str:
     pipe = summary.get("pipeline_alternative")
     if pipe and pipe.get("found"):
         c, e = pipe["config"], pipe["predicted"]
-        lines.append(f"pipeline alternative: tp={c['tp']} pp={c['pp']} dp={c['dp']} micro-batch {c['micro_batch']} "
-                     f"v={c['virtual_stages']} recompute {c['recompute']}: {fmt_seconds(e['step_time_s'])}, MFU {100 * e['mfu']:.1f}%"
-                     f"{' (faster; not yet executable by autoplan train)' if pipe['faster_than_plan'] else ''}")
+        chosen = (summary.get("execution") or {}).get("from") == "pipeline search"
+        lines.append(f"pipeline {'(chosen)' if chosen else 'alternative'}: tp={c['tp']} pp={c['pp']} dp={c['dp']} "
+                     f"micro-batch {c['micro_batch']} v={c['virtual_stages']} recompute {c['recompute']}: "
+                     f"{fmt_seconds(e['step_time_s'])}, MFU {100 * e['mfu']:.1f}%")
+    lines.append(execution_line(summary.get("execution")))
     if summary.get("unsupported_ops"):
         lines.append("replicated (no sharding rule): " + ", ".join(summary["unsupported_ops"]))
     return "\n".join(lines)
+
+
+def execution_line(execution: dict[str, Any] | None) -> str:
+    """How ``autoplan train`` runs the plan (see ``autoplan.execution``)."""
+    if not execution or execution.get("runtime") == "per-op":
+        why = f" ({execution['reason']})" if execution and execution.get("reason") else ""
+        return f"runs with the per-op runtime{why}"
+    r = execution["recipe"]
+    parts = [f"tp={r['tp']} pp={r['pp']} dp={r['dp']}", f"zero {r['zero']}", f"{r['micro_batches']} micro-batch(es)"]
+    if r["pp"] > 1:
+        parts.append(r["schedule"] + (f" v={r['virtual_stages']}" if r["virtual_stages"] > 1 else ""))
+    if r["recompute"] != "none":
+        parts.append(f"recompute {r['recompute']}")
+    return f"runs as a native recipe ({', '.join(parts)}; from the {execution.get('from')} layout)"
 
 
 class _SearchProgress:
@@ -84,7 +100,7 @@ def main() -> None:
 @click.option("--memory-gib", type=float, help="Override usable memory per device, GiB (what-if).")
 @click.option("--solver", type=click.Choice(["auto", "dp", "ilp"]), default="auto", show_default=True, help="Solver for memory-constrained problems.")
 @click.option("--no-baselines", is_flag=True, help="Skip pricing the DDP / FSDP / Megatron baselines.")
-@click.option("--pipeline", is_flag=True, help="Also search pipeline configurations (TP x PP x DP, interleaving) and report the best.")
+@click.option("--pipeline", is_flag=True, help="Also search pipeline configurations (TP x PP x DP, interleaving, recompute); the plan takes the best when it is faster.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the plan JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @_fail_cleanly
@@ -137,19 +153,24 @@ def plan_cmd(model: str, cluster: str, nodes: int | None, devices: int | None, g
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
 @click.option("--attention", type=click.Choice(["flash", "unfused"]), default="flash", show_default=True,
               help="Attention kernel: fused (FlashAttention) or scores materialised.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Also write this configuration as a plan that `autoplan train` runs.")
 @click.option("--json", "as_json", is_flag=True)
 @_fail_cleanly
 def estimate_cmd(model: str, cluster: str, tp: int, pp: int, dp: int, virtual_stages: int, micro_batch: int,
                  recompute: str, sequence_parallel: bool, zero: int, global_batch: int, seq_len: int | None,
-                 dtype: str, attention: str, as_json: bool) -> None:
+                 dtype: str, attention: str, output: str | None, as_json: bool) -> None:
     """Price one fixed configuration of MODEL (what-if) with the planner's cost model."""
     from autoplan.api import prepare_job
     from autoplan.estimate import EstimateConfig, estimate
+    from autoplan.planner import config_plan
 
     job = prepare_job(model, cluster=cluster, devices=tp * pp * dp, global_batch=global_batch, seq_len=seq_len)
-    est = estimate(job, EstimateConfig(tp=tp, pp=pp, dp=dp, virtual_stages=virtual_stages, micro_batch=micro_batch,
-                                       recompute=recompute, sequence_parallel=sequence_parallel, zero=zero,
-                                       dtype=dtype, attention=attention))
+    cfg = EstimateConfig(tp=tp, pp=pp, dp=dp, virtual_stages=virtual_stages, micro_batch=micro_batch,
+                         recompute=recompute, sequence_parallel=sequence_parallel, zero=zero, dtype=dtype, attention=attention)
+    est = estimate(job, cfg)
+    if output:
+        config_plan(job, cfg).save(output)
     d = est.to_json()
     if as_json:
         click.echo(json.dumps(d))
@@ -161,6 +182,8 @@ def estimate_cmd(model: str, cluster: str, tp: int, pp: int, dp: int, virtual_st
     click.echo(f"MFU {100 * est.mfu:.1f}%  model {est.model_tflops_per_device:.1f} TFLOP/s/device  hardware "
                f"{est.hardware_tflops_per_device:.1f} TFLOP/s/device  memory {fmt_bytes(est.peak_memory_bytes)} "
                f"({'fits' if est.fits else 'DOES NOT FIT'})")
+    if output:
+        click.echo(f"plan written to {output}")
 
 
 @main.command("models")

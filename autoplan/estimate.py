@@ -65,6 +65,8 @@ class Estimate:
     hardware_tflops_per_device: float  # recompute counted (as Megatron-LM reports)
     micro_batches: int  # per pipeline, per step
     mesh: dict[str, int]
+    param_memory_bytes: float = 0.0  # parameters, gradients, optimizer states (fullest stage)
+    activation_memory_bytes: float = 0.0  # activations held at the peak (fullest stage)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -121,7 +123,9 @@ class LayerCosts:
 def layer_costs(job: Job, cfg: EstimateConfig, cache: dict | None = None) -> LayerCosts:
     """The expensive part of an estimate (pricing and solving the per-layer sharding); pipeline-independent."""
     cache = {} if cache is None else cache
-    key = ("layers", cfg.tp, cfg.dp, cfg.micro_batch, cfg.recompute, cfg.sequence_parallel, cfg.zero, cfg.dtype, cfg.attention)
+    # ZeRO-1/2 change only memory and the optimizer's share (applied in ``estimate``): priced as ZeRO-0 here
+    key = ("layers", cfg.tp, cfg.dp, cfg.micro_batch, cfg.recompute, cfg.sequence_parallel, cfg.zero == 3, cfg.dtype,
+           cfg.attention)
     if key in cache:
         return cache[key]
     mesh = Mesh((cfg.dp, cfg.tp), ("dp", "tp"))
@@ -218,17 +222,12 @@ def estimate(job: Job, cfg: EstimateConfig, cache: dict | None = None) -> Estima
         if zero_shards:
             sharded = OPTIMIZER_STATE_BYTES + (GRAD_BYTES if cfg.zero == 2 else 0)
             s_par *= (STATE_BYTES_PER_PARAM - sharded + sharded / cfg.dp) / STATE_BYTES_PER_PARAM
-        peaks.append(s_par + in_flight * s_act + act_live)
-    peak = max(peaks)
+        peaks.append((s_par + in_flight * s_act + act_live, s_par))
+    peak, peak_par = max(peaks)
     budget = dev.device.usable_memory_bytes
 
-    fwd = sum(forward_flops(job.graph, n, job.global_batch) for n in job.graph.nodes.values())
-    redo = {"none": 0.0, "full": 1.0}.get(cfg.recompute, 0.0)
-    if cfg.recompute == "selective":
-        redo_flops = sum(forward_flops(job.graph, n, job.global_batch) for n in job.graph.nodes.values() if n.kind == "sdpa")
-    else:
-        redo_flops = redo * sum(forward_flops(job.graph, n, job.global_batch) for n in job.graph.nodes.values()
-                                if job.tying.rep[n.name] in job.tying.in_block)
+    fwd, sdpa_flops, block_flops = _flops(job, cache)
+    redo_flops = {"none": 0.0, "selective": sdpa_flops, "full": block_flops}[cfg.recompute]
     model_flops = 3 * fwd
     hw_flops = model_flops + redo_flops
     peak_flops = dev.device.flops_per_s(cfg.dtype)
@@ -246,7 +245,25 @@ def estimate(job: Job, cfg: EstimateConfig, cache: dict | None = None) -> Estima
         hardware_tflops_per_device=hw_flops / (step * job.devices) / 1e12,
         micro_batches=m,
         mesh={"tp": cfg.tp, "pp": cfg.pp, "dp": cfg.dp},
+        param_memory_bytes=peak_par,
+        activation_memory_bytes=peak - peak_par,
     )
+
+
+def _flops(job: Job, cache: dict | None) -> tuple[float, float, float]:
+    """Forward FLOPs of one step: all ops, attention cores, ops inside the repeated blocks (cached)."""
+    key = ("flops", job.global_batch)
+    if cache is not None and key in cache:
+        return cache[key]
+    fwd = sdpa = block = 0.0
+    for n in job.graph.nodes.values():
+        f = forward_flops(job.graph, n, job.global_batch)
+        fwd += f
+        sdpa += f if n.kind == "sdpa" else 0.0
+        block += f if job.tying.rep[n.name] in job.tying.in_block else 0.0
+    if cache is not None:
+        cache[key] = (fwd, sdpa, block)
+    return fwd, sdpa, block
 
 
 def _hidden_size(job: Job) -> int:

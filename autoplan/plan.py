@@ -11,7 +11,11 @@ Schema ``autoplan-plan/1`` (never pickle). Top-level keys:
 * ``collectives``: the collectives the plan issues per step (phase, kind, mesh axis, bytes);
 * ``predicted``, ``baselines``, ``runners_up``: step time (compute / communication / optimizer
   split, per layer), peak memory per device, MFU, fits;
-* ``solver``: which solver ran, its time and optimality gap, and the search's size.
+* ``solver``: which solver ran, its time and optimality gap, and the search's size;
+* ``execution``: how the runtime runs it: ``per-op`` (every op's placements, the ops above), or
+  ``recipe`` (native TP x PP x DP, ZeRO, recompute; ``autoplan.execution``). A plan whose pipeline
+  configuration won has a recipe and no per-op placements; ``per_op_alternative`` keeps the
+  per-op solution's prediction beside it.
 """
 from __future__ import annotations
 
@@ -110,7 +114,13 @@ class Plan:
             "solver": self.data["solver"],
             "unsupported_ops": self.data["model"].get("unsupported_ops", []),
             "pipeline_alternative": self.data.get("pipeline_alternative"),
+            "execution": self.execution,
         }
+
+    @property
+    def execution(self) -> dict[str, Any]:
+        """How the runtime runs the plan (``autoplan.execution``); plans from before it: per-op."""
+        return self.data.get("execution") or {"runtime": "per-op"}
 
     def save(self, path: str | Path) -> None:
         """Write atomically: a crash never leaves a half-written plan behind."""

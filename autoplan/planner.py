@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as _dt
 from collections import defaultdict
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from autoplan import __version__
@@ -11,6 +12,7 @@ from autoplan.baselines import allow_for, baselines
 from autoplan.cost.comm import Collective, collective_seconds
 from autoplan.cost.model import BACKWARD_FACTOR, GENERIC_BATCH, edge_collectives
 from autoplan.errors import InfeasibleError
+from autoplan.execution import lower, pipeline_execution
 from autoplan.graph import OpGraph, forward_flops, needs_value_in_backward
 from autoplan.hardware import Cluster
 from autoplan.mesh import Mesh
@@ -189,7 +191,52 @@ def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = Se
     pipe = _pipeline_alternative(job, options, predicted) if pipeline and job.tying.groups else None
     pred = predicted.to_json()
     pred["per_layer"] = layers
+    execution = lower(job.graph, best.mesh, _chosen(job, best), params, micro_batches=best.cfg.micro_batches,
+                      recompute=best.cfg.recompute, dtype=best.cfg.dtype)
+    mesh_json = {"shape": list(best.mesh.shape), "axis_names": list(best.mesh.axis_names)}
+    training = {
+        "global_batch": job.global_batch, "seq_len": job.seq_len, "micro_batches": best.cfg.micro_batches,
+        "micro_batch": best.cfg.micro_batch, "recompute": "full" if best.cfg.recompute else "none", "dtype": best.cfg.dtype,
+    }
+    per_op_alternative = None
+    if pipe is not None and pipe["found"] and pipe["predicted"]["fits"] and (pipe["faster_than_plan"] or not predicted.fits):
+        # the pipeline configuration wins: it is the plan; the per-op solution is kept for comparison
+        cfg = pipe["config"]
+        per_op_alternative = {"predicted": pred, "mesh": mesh_json, "execution": execution}
+        pred = _pipeline_prediction(pipe["predicted"], cfg)
+        execution = pipeline_execution(SimpleNamespace(**cfg), job.global_batch)
+        mesh_json = {"shape": [cfg["pp"], cfg["dp"], cfg["tp"]], "axis_names": ["pp", "dp", "tp"]}
+        training = {**training, "micro_batches": pipe["predicted"]["micro_batches"], "micro_batch": cfg["micro_batch"],
+                    "recompute": cfg["recompute"], "dtype": cfg["dtype"], "pipeline_stages": cfg["pp"],
+                    "virtual_stages": cfg["virtual_stages"], "zero": cfg["zero"], "sequence_parallel": cfg["sequence_parallel"]}
+        ops, params, data_inputs, colls = [], {}, {}, []
     data = {
+        **_header(job, budget),
+        "mesh": mesh_json,
+        "training": training,
+        "execution": execution,
+        "params": params,
+        "inputs": data_inputs,
+        "ops": ops,
+        "collectives": colls,
+        "predicted": pred,
+        "baselines": base,
+        "runners_up": [predict(job, e, budget).to_json() for e in result.evaluated[1:4]],
+        "forced": force,
+        "pipeline_alternative": pipe,
+        "per_op_alternative": per_op_alternative,
+        "solver": {
+            "name": best.solution.solver, "seconds": best.solution.seconds, "gap": best.solution.gap,
+            "search_seconds": result.seconds, "configurations": result.configurations, "solved_with_budget": result.solved,
+            "solver_seconds": result.solvers,
+        },
+    }
+    return Plan(data)
+
+
+def _header(job: Job, budget: float) -> dict[str, Any]:
+    """The sections every plan starts with: schema, model, cluster, world size."""
+    return {
         "schema": SCHEMA,
         "autoplan_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -200,33 +247,62 @@ def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = Se
         },
         "cluster": {**job.cluster.to_dict(), "usable_memory_bytes": budget},
         "world_size": job.devices,
-        "mesh": {"shape": list(best.mesh.shape), "axis_names": list(best.mesh.axis_names)},
-        "training": {
-            "global_batch": job.global_batch, "seq_len": job.seq_len, "micro_batches": best.cfg.micro_batches,
-            "micro_batch": best.cfg.micro_batch, "recompute": "full" if best.cfg.recompute else "none", "dtype": best.cfg.dtype,
-        },
-        "params": params,
-        "inputs": data_inputs,
-        "ops": ops,
-        "collectives": colls,
-        "predicted": pred,
-        "baselines": base,
-        "runners_up": [predict(job, e, budget).to_json() for e in result.evaluated[1:4]],
-        "forced": force,
-        "pipeline_alternative": pipe,
-        "solver": {
-            "name": best.solution.solver, "seconds": best.solution.seconds, "gap": best.solution.gap,
-            "search_seconds": result.seconds, "configurations": result.configurations, "solved_with_budget": result.solved,
-            "solver_seconds": result.solvers,
-        },
+    }
+
+
+def config_plan(job: Job, cfg: Any) -> Plan:
+    """The plan of one fixed configuration (an ``EstimateConfig``: what ``autoplan estimate -o`` writes).
+
+    It is priced by ``estimate`` and executed as a recipe; no search runs.
+    """
+    from dataclasses import asdict
+
+    from autoplan.estimate import estimate
+
+    started = _dt.datetime.now()
+    est = estimate(job, cfg).to_json()
+    c = asdict(cfg)
+    training = {"global_batch": job.global_batch, "seq_len": job.seq_len, "micro_batches": est["micro_batches"],
+                "micro_batch": cfg.micro_batch, "recompute": cfg.recompute, "dtype": cfg.dtype,
+                "pipeline_stages": cfg.pp, "virtual_stages": cfg.virtual_stages, "zero": cfg.zero,
+                "sequence_parallel": cfg.sequence_parallel}
+    data = {
+        **_header(job, job.cluster.device.usable_memory_bytes),
+        "mesh": {"shape": [cfg.pp, cfg.dp, cfg.tp], "axis_names": ["pp", "dp", "tp"]},
+        "training": training,
+        "execution": {**pipeline_execution(cfg, job.global_batch), "from": "fixed configuration"},
+        "params": {}, "inputs": {}, "ops": [], "collectives": [],
+        "predicted": _pipeline_prediction(est, c),
+        "baselines": {}, "runners_up": [], "forced": "configuration",
+        "pipeline_alternative": {"found": True, "config": c, "predicted": est, "faster_than_plan": False,
+                                 "candidates": 1, "seconds": 0.0, "executable": True},
+        "per_op_alternative": None,
+        "solver": {"name": "none (fixed configuration)", "seconds": 0.0, "gap": 0.0,
+                   "search_seconds": (_dt.datetime.now() - started).total_seconds(), "configurations": 1,
+                   "solved_with_budget": 0, "solver_seconds": {}},
     }
     return Plan(data)
+
+
+def _pipeline_prediction(est: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """An ``Estimate`` (JSON) as the plan's ``predicted`` section."""
+    out = Prediction(
+        step_time_s=est["step_time_s"], compute_s=est["compute_s"], comm_s=est["comm_s"], optimizer_s=est["optimizer_s"],
+        peak_memory_bytes=est["peak_memory_bytes"], param_memory_bytes=est["param_memory_bytes"],
+        activation_memory_bytes=est["activation_memory_bytes"], mfu=est["mfu"], fits=est["fits"],
+        tokens_per_s=est["tokens_per_s"], mesh={"pp": cfg["pp"], "dp": cfg["dp"], "tp": cfg["tp"]},
+        micro_batches=est["micro_batches"], recompute=cfg["recompute"],
+    ).to_json()
+    out["bubble_s"] = est["bubble_s"]
+    hw, model = est["hardware_tflops_per_device"], est["model_tflops_per_device"]
+    out["recompute_s"] = est["compute_s"] * (hw - model) / hw if hw > 0 else 0.0  # the redone forward's share
+    return out
 
 
 def _pipeline_alternative(job: Job, options: SearchOptions, predicted: Prediction) -> dict[str, Any]:
     """The best pipeline configuration (TP x PP x DP, interleaving, recompute), priced by ``estimate``.
 
-    Recorded beside the per-op plan; the runtime does not execute pipeline plans yet.
+    It becomes the plan (executed as a recipe) when it fits and is faster than the per-op plan.
     """
     import time
     from dataclasses import asdict
@@ -246,5 +322,5 @@ def _pipeline_alternative(job: Job, options: SearchOptions, predicted: Predictio
         "faster_than_plan": est.step_time_s < predicted.step_time_s,
         "candidates": n,
         "seconds": time.perf_counter() - started,
-        "executable": False,
+        "executable": True,
     }
