@@ -11,6 +11,7 @@ import contextlib
 import copy
 import io
 import logging
+import operator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -171,26 +172,112 @@ def _quiet_torch_logs():
         logger.setLevel(level)
 
 
+_WRAP_GRAD = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+_WRAP_AUTOCAST = getattr(torch.ops.higher_order, "wrap_with_autocast", None)
+
+
+def _attr(root: nn.Module, path: str) -> object:
+    obj: object = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _export_names(wrapped: nn.Module, ep: torch.export.ExportedProgram) -> dict[str, str]:
+    """Lifted placeholder -> qualified parameter/buffer/constant name (without the ``model.`` prefix).
+
+    A tied parameter is named as ``named_parameters()`` names it (its first name), whichever alias
+    torch.export lifted: the graph then reads one trainable parameter, as a symbolic trace does.
+    """
+    first: dict[int, str] = {}
+    for n, t in list(wrapped.named_parameters()) + list(wrapped.named_buffers()):
+        first.setdefault(id(t), n)
+    names = {}
+    for spec in ep.graph_signature.input_specs:
+        if spec.target is not None and hasattr(spec.arg, "name"):
+            target = str(spec.target)
+            names[spec.arg.name] = first.get(id(_attr(wrapped, target)), target).removeprefix("model.")
+    return names
+
+
+def _inline_wrappers(gm: fx.GraphModule) -> None:
+    """Inline torch.export's grad-mode wrappers (``wrap_with_set_grad_enabled``, and autocast wrappers
+    that disable autocast) so that the planner sees the ops inside them (rotary tables computed from
+    buffers and positions). A no-grad region's outputs are detached: they carry no gradient. Wrappers
+    whose body reads attributes (nested wrappers) or whose output is used whole stay as they are."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if _WRAP_GRAD is not None and node.target is _WRAP_GRAD:
+            enabled, body_node, *args = node.args
+        elif _WRAP_AUTOCAST is not None and node.target is _WRAP_AUTOCAST and node.args[2] is False:
+            enabled, (body_node, *args) = True, node.args[4:]
+        else:
+            continue
+        body = getattr(gm, str(body_node.target), None)
+        if not isinstance(body, fx.GraphModule) or any(b.op == "get_attr" for b in body.graph.nodes) \
+                or any(u.target is not operator.getitem for u in node.users):
+            continue
+        env: dict[fx.Node, object] = {}
+        inputs = iter(args)
+        outputs: object = None
+        with graph.inserting_before(node):
+            for b in body.graph.nodes:
+                if b.op == "placeholder":
+                    env[b] = next(inputs)
+                elif b.op == "output":
+                    outputs = fx.node.map_arg(b.args[0], lambda n: env[n])
+                else:
+                    env[b] = graph.node_copy(b, lambda n: env[n])
+        outs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+        for user in list(node.users):
+            value = outs[user.args[1]]
+            if not enabled and isinstance(value, fx.Node):  # no_grad: the value carries no gradient
+                name = user.name
+                with graph.inserting_before(user):
+                    det = graph.call_function(torch.ops.aten.detach.default, (value,))
+                det.meta = dict(user.meta)
+                user.replace_all_uses_with(det)
+                graph.erase_node(user)
+                det.name = name  # keep the name export gave the region's output
+            else:
+                user.replace_all_uses_with(value)
+                graph.erase_node(user)
+        graph.erase_node(node)
+        if not body_node.users:
+            graph.erase_node(body_node)
+            if not any(n.op == "get_attr" and n.target == body_node.target for n in graph.nodes):
+                delattr(gm, str(body_node.target))
+    gm.recompile()
+
+
+def export_graph(wrapped: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[fx.GraphModule, dict[str, str],
+                                                                                   torch.export.ExportedProgram]:
+    """torch.export (non-strict) of ``wrapped`` at these inputs: the graph with its grad-mode wrappers
+    inlined, and the placeholder -> qualified name map. The runtime exports the same way."""
+    with _quiet_torch_logs():
+        ep = torch.export.export(wrapped, inputs, strict=False)
+    gm = ep.graph_module
+    if any(n.target in (_WRAP_GRAD, _WRAP_AUTOCAST) for n in gm.graph.nodes if n.op == "call_function"):
+        _inline_wrappers(gm)
+    return gm, _export_names(wrapped, ep), ep
+
+
 def _trace_export(wrapped: nn.Module, inputs_fn: InputsFn) -> Captured:
     exported = []
     probes = choose_probes(wrapped, inputs_fn)
     for b in probes:
-        with _quiet_torch_logs():
-            ep = torch.export.export(wrapped, inputs_fn(b), strict=False)
-        exported.append(ep)
-    first = exported[0]
-    names = {}
-    for spec in first.graph_signature.input_specs:
-        if spec.target is not None and hasattr(spec.arg, "name"):
-            names[spec.arg.name] = str(spec.target).removeprefix("model.")
+        exported.append(export_graph(wrapped, inputs_fn(b)))
+    first, names, _ = exported[0]
     metas = []
-    for ep in exported:
-        nodes = list(ep.graph_module.graph.nodes)
-        if [n.name for n in nodes] != [n.name for n in first.graph_module.graph.nodes]:
+    for gm, _, _ in exported:
+        nodes = list(gm.graph.nodes)
+        if [n.name for n in nodes] != [n.name for n in first.graph.nodes]:
             raise CaptureError("torch.export gave different graphs at two batch sizes: the model branches on the batch size")
         metas.append({n.name: _tensor_meta(n.meta.get("val")) for n in nodes})
     trainable = frozenset(n.removeprefix("model.") for n, p in wrapped.named_parameters() if p.requires_grad)
-    return Captured(first.graph_module, "export", names, trainable, tuple(metas), probes)
+    return Captured(first, "export", names, trainable, tuple(metas), probes)
 
 
 def capture(model: nn.Module, inputs_fn: InputsFn, *, method: str = "auto") -> Captured:

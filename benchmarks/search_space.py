@@ -7,7 +7,8 @@ For gpt3-175b on 1024 A100s and llama3-405b on 16384 H100s: capture time, per-op
 x micro-batch x interleaving x recompute), the chosen configuration, and, where a published
 configuration exists, that configuration priced by the same cost model (`estimate`).
 Published: Llama 3 405B pre-training, Llama 3 paper (Dubey et al. 2024), Table 4: 16,384 H100,
-TP 8, CP 1, PP 16, DP 128, sequence 8192, 16M tokens per batch, 400 TFLOP/s per GPU (41% BF16 MFU).
+TP 8, CP 1, PP 16, DP 128, sequence 8192, 16M tokens per batch, 400 TFLOP/s per GPU (41% BF16 MFU);
+FSDP sharding optimizer states and gradients but not weights (ZeRO-2), sequence parallel with TP.
 Target from the issue: each search under 30 s on this machine.
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ from autoplan.search import search
 CASES = [
     ("gpt3-175b", "dgx-a100-80gb", 1024, 1536, 2048, None),
     ("llama3-405b", "dgx-h100", 16384, 2048, 8192,
-     (EstimateConfig(tp=8, pp=16, dp=128, micro_batch=1, virtual_stages=1, recompute="none"), 400.0)),
+     (EstimateConfig(tp=8, pp=16, dp=128, micro_batch=1, virtual_stages=1, recompute="none", zero=2,
+                     sequence_parallel=True), 400.0)),
 ]
 
 
@@ -44,12 +46,12 @@ def main() -> None:
         print(f"  per-op plan:   {b.mesh} micro-batches {b.cfg.micro_batches} recompute {'full' if b.cfg.recompute else 'none'}: "
               f"{b.solution.cost:.2f} s/step")
         print(f"  pipeline plan: tp {cfg.tp} pp {cfg.pp} dp {cfg.dp} micro-batch {cfg.micro_batch} v {cfg.virtual_stages} "
-              f"recompute {cfg.recompute}: {est.step_time_s:.2f} s/step, {est.model_tflops_per_device:.0f} model TFLOP/s/GPU, "
+              f"recompute {cfg.recompute} zero {cfg.zero} sp {cfg.sequence_parallel}: {est.step_time_s:.2f} s/step, {est.model_tflops_per_device:.0f} model TFLOP/s/GPU, "
               f"MFU {100 * est.mfu:.1f}%, {est.peak_memory_bytes / 2**30:.1f} GiB")
         if published:
             pcfg, tflops = published
             pub = estimate(job, pcfg)
-            print(f"  published:     tp {pcfg.tp} pp {pcfg.pp} dp {pcfg.dp} ({tflops:.0f} TFLOP/s/GPU reported) priced at "
+            print(f"  published:     tp {pcfg.tp} pp {pcfg.pp} dp {pcfg.dp} zero {pcfg.zero} sp {pcfg.sequence_parallel} ({tflops:.0f} TFLOP/s/GPU reported) priced at "
                   f"{pub.step_time_s:.2f} s/step, {pub.model_tflops_per_device:.0f} model TFLOP/s/GPU, "
                   f"{pub.peak_memory_bytes / 2**30:.1f} GiB, fits {pub.fits}")
         print(flush=True)

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor import Replicate as DReplicate
+from torch.utils._python_dispatch import _disable_current_modes
 
-from autoplan.capture import clone_to_meta, Captured, capture
+from autoplan.capture import WithLoss, WithLossMany, clone_to_meta, Captured, capture, export_graph
 from autoplan.errors import AutoplanError, PlanMismatchError
 from autoplan.graph import SHAPE_ONLY_SECOND_ARG, OpGraph, build_graph
 from autoplan.plan import Plan
@@ -77,6 +78,22 @@ class Program:
     consumers: dict[str, list[str]]  # parameter node -> consumer nodes
     split_nodes: dict[str, fx.Node]
     backward_edges: frozenset[tuple[str, str, int]]  # (producer, consumer, input) with a planned gradient move
+    export_at: Callable[[int], "RunGraph"] | None = None  # export graphs: the graph to run at a global batch
+
+
+@dataclass
+class RunGraph:
+    """The fx graph the interpreter walks, with what it derives from it.
+
+    Symbolic traces are generic in the batch: the planner's graph runs at any batch. torch.export
+    graphs bake the batch size (and the planning device, meta) into op arguments: they are exported
+    again, at the global micro-batch the step runs, with the same node names as the plan's graph.
+    """
+
+    gm: fx.GraphModule
+    param_of: dict[str, str]  # placeholder/get_attr node -> qualified parameter/buffer/constant name
+    split_nodes: dict[str, fx.Node]
+    constants: dict[str, torch.Tensor]  # lifted tensor constants of an export (qualified name -> value)
 
 
 def _lm_inputs_fn(seq: int) -> Callable[[int], tuple[torch.Tensor, ...]]:
@@ -105,19 +122,94 @@ def _example_inputs_fn(meta_model: nn.Module, example: Sequence[torch.Tensor], t
     return _inputs_fn_for(meta_model, example, targets)
 
 
-def recapture(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Tensor] | None,
-              targets: torch.Tensor | None = None) -> Captured:
-    """Capture the real model the way the planner did (names and fingerprint must match)."""
-    method = plan.data["model"].get("capture", "auto")
+def _capture_inputs(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Tensor] | None,
+                    targets: torch.Tensor | None = None) -> tuple[nn.Module, Callable[[int], tuple[torch.Tensor, ...]]]:
+    """The weightless model and the batch -> (inputs..., targets) function the planner captured with."""
     meta = meta_clone(model)
     if example_inputs is None:
         seq = plan.data["training"].get("seq_len")
         if not seq:
             raise AutoplanError("this plan is not for a language model: pass example_inputs= to autoplan.apply")
-        fn = _lm_inputs_fn(int(seq))
-    else:
-        fn = _example_inputs_fn(meta, example_inputs, targets)
+        return meta, _lm_inputs_fn(int(seq))
+    return meta, _example_inputs_fn(meta, example_inputs, targets)
+
+
+def recapture(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Tensor] | None,
+              targets: torch.Tensor | None = None) -> Captured:
+    """Capture the real model the way the planner did (names and fingerprint must match)."""
+    method = plan.data["model"].get("capture", "auto")
+    meta, fn = _capture_inputs(model, plan, example_inputs, targets)
     return capture(meta, fn, method=method)
+
+
+# ------------------------------------------------------------------------------ export graphs
+
+_WRAP_GRAD = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+_WRAP_AUTOCAST = getattr(torch.ops.higher_order, "wrap_with_autocast", None)
+
+
+def _split_nodes(gm: fx.GraphModule, ops: dict[str, "OpPlan"], graph: OpGraph) -> dict[str, fx.Node]:
+    """fx split nodes (split/chunk/unbind) whose parts the plan places one getitem at a time."""
+    return {n.name: n for n in gm.graph.nodes
+            if any(u.target is operator.getitem and u.name in ops and ops[u.name] and graph.nodes[u.name].kind == "split"
+                   for u in n.users)}
+
+
+def _retarget_devices(gm: fx.GraphModule, device: torch.device) -> None:
+    """Ops of a graph captured on meta create tensors on meta (arange, masks, .to): run them on ``device``."""
+
+    def fix(a: Any) -> Any:
+        if isinstance(a, torch.device) and a.type == "meta":
+            return device
+        if isinstance(a, (list, tuple)):
+            return type(a)(fix(x) for x in a)
+        return a
+
+    for mod in gm.modules():
+        if not isinstance(mod, fx.GraphModule):
+            continue
+        for node in mod.graph.nodes:
+            if node.op != "call_function":
+                continue
+            args = fix(node.args)
+            kwargs = {k: (device if k == "device" and v == "meta" else fix(v)) for k, v in node.kwargs.items()}
+            if node.target is _WRAP_AUTOCAST and args and args[0] == "meta":
+                args = (device.type, *args[1:])
+            if args != node.args:
+                node.args = args
+            if kwargs != node.kwargs:
+                node.kwargs = kwargs
+
+
+def exporter(meta: nn.Module, inputs_fn: Callable[[int], tuple[torch.Tensor, ...]], reference: fx.GraphModule,
+             device: torch.device) -> Callable[[int], RunGraph]:
+    """batch -> the model (with its loss) exported at that global batch, ready to interpret.
+
+    The node names must be the planner's (same ops at every batch size): else the plan does not apply.
+    """
+    want = [n.name for n in reference.graph.nodes]
+
+    def export_at(batch: int) -> RunGraph:
+        inputs = inputs_fn(batch)
+        flatten = inputs[-1].dim() >= 2
+        wrapped = WithLoss(meta, flatten) if len(inputs) == 2 else WithLossMany(meta, flatten)
+        # outside the caller's dispatch modes (collective recorders, CommDebugMode): they change the trace
+        with _disable_current_modes(), torch.enable_grad():
+            gm, param_of, ep = export_graph(wrapped, inputs)
+        got = [n.name for n in gm.graph.nodes]
+        if got != want:
+            diff = next((f"{a} != {b}" for a, b in zip(got, want) if a != b), f"{len(got)} != {len(want)} nodes")
+            raise PlanMismatchError(f"torch.export gives another graph at batch {batch} than the plan's ({diff}): "
+                                    f"the model branches on the batch size")
+        constants: dict[str, torch.Tensor] = {}
+        for spec in ep.graph_signature.input_specs:
+            value = ep.constants.get(spec.target) if spec.target is not None else None
+            if isinstance(value, torch.Tensor) and value.device.type != "meta" and hasattr(spec.arg, "name"):
+                constants[param_of[spec.arg.name]] = value  # made in forward from Python data: real at trace time
+        _retarget_devices(gm, device)
+        return RunGraph(gm, param_of, {}, constants)
+
+    return export_at
 
 
 def check_plan(plan: Plan, graph: OpGraph, world_size: int) -> None:
@@ -142,9 +234,7 @@ def build_program(plan: Plan, cap: Captured, graph: OpGraph, mesh: DeviceMesh) -
         for src in op.producers:
             if graph.nodes.get(src) is not None and graph.nodes[src].kind == "param":
                 consumers.setdefault(src, []).append(name)
-    splits = {n.name: n for n in cap.graph_module.graph.nodes
-              if any(u.target is operator.getitem and u.name in ops and ops[u.name] and graph.nodes[u.name].kind == "split"
-                     for u in n.users)}
+    splits = _split_nodes(cap.graph_module, ops, graph)
     return Program(mesh, cap.graph_module, graph, dict(cap.param_names), ops,
                    {k: to_dtensor_placements(v) for k, v in plan.data["inputs"].items()}, params, consumers, splits,
                    frozenset((c["src"], c["dst"], int(c["input"])) for c in plan.data["collectives"] if c["phase"] == "backward"))
@@ -195,6 +285,21 @@ class ParallelModel:
         self._buffers = {n: replicate(b, self.mesh) for n, b in model.named_buffers(remove_duplicate=False)}
         self.micro_batches = int(plan.data["training"].get("micro_batches", 1) or 1)
         self.bucket_grads = True  # one all-reduce per bucket instead of per parameter (same bytes)
+        self._rg = RunGraph(program.gm, program.param_of, program.split_nodes, {})  # the graph being run
+        self._run_graphs: dict[int, RunGraph] = {}  # export graphs, by global micro-batch
+        self._last_uses_by_graph: dict[int, dict[str, list[str]]] = {}
+
+    def _run_graph(self, batch: int) -> RunGraph:
+        """The graph to interpret for a global (micro-)batch: the plan's, or an export at that batch."""
+        export_at = self.program.export_at
+        if export_at is None:
+            return self._rg
+        rg = self._run_graphs.get(batch)
+        if rg is None:
+            rg = export_at(batch)
+            rg.split_nodes = _split_nodes(rg.gm, self.program.ops, self.program.graph)
+            self._run_graphs[batch] = rg
+        return rg
 
     # -------------------------------------------------------------------------- inputs
 
@@ -214,7 +319,38 @@ class ParallelModel:
             return self.params[qual]
         if qual in self._buffers:
             return self._buffers[qual]
-        raise AutoplanError(f"the graph reads {qual}, which the model has no parameter or buffer for")
+        value = self._constant(qual)
+        if value is None:
+            raise AutoplanError(f"the graph reads {qual}, which the model has no parameter or buffer for")
+        return value
+
+    def _constant(self, qual: str) -> DTensor | None:
+        """A tensor constant of an export graph: a plain tensor attribute of the model (its real value,
+        not the planning copy's meta one), or a tensor made from Python data in forward."""
+        cache = self.__dict__.setdefault("_constants", {})
+        if qual in cache:
+            return cache[qual]
+        owner, _, attr = qual.rpartition(".")
+        try:
+            value = getattr(self.module.get_submodule(owner), attr)
+        except AttributeError:
+            value = self._rg.constants.get(qual)
+        if not isinstance(value, torch.Tensor) or value.device.type == "meta":
+            return None
+        cache[qual] = replicate(value.detach(), self.mesh)
+        return cache[qual]
+
+    def _get_attr(self, gm: fx.GraphModule, node: fx.Node) -> Any:
+        """get_attr: a parameter/buffer of the model, or a submodule of the graph (a higher-order op's body)."""
+        target = str(node.target)
+        qual = self._rg.param_of.get(node.name, target.removeprefix("model."))
+        if qual in self.params or qual in self._buffers:
+            return self._value_of_attr(qual)
+        owner, _, attr = target.rpartition(".")
+        sub = getattr(gm.get_submodule(owner), attr, None)
+        if isinstance(sub, nn.Module):
+            return sub
+        return self._value_of_attr(qual)
 
     def _grad_dst(self, src: str, value: DTensor) -> DPlacements:
         pl = normalize(value.placements, value.ndim)
@@ -253,7 +389,8 @@ class ParallelModel:
 
         def fetch(n: fx.Node) -> Any:
             value = env[n.name]
-            if op is None or n.name not in graph_nodes and n.name not in self.program.split_nodes:
+            if op is None or n.name not in graph_nodes and n.name not in self._rg.split_nodes \
+                    and n.name not in self._rg.param_of:  # (a tied parameter's other node: merged in the plan)
                 return value
             i = counter[0]
             counter[0] += 1
@@ -282,7 +419,39 @@ class ParallelModel:
             return _local_cross_entropy(list(args[:2]), _aten_ce_kwargs(args[2:], kwargs))
         if target in (F.dropout, torch.dropout, torch.ops.aten.dropout.default) and _is_dropout_noop(node):
             return args[0]
+        if target is _WRAP_GRAD or target is _WRAP_AUTOCAST:
+            return self._call_wrapped(target, args)
         return target(*args, **kwargs)
+
+    def _call_wrapped(self, target: Any, args: Sequence[Any]) -> Any:
+        """torch.export's higher-order wrappers (rotary code under no_grad / autocast): run the body
+        graph under the same grad or autocast mode (its values are replicated: no placements planned)."""
+        if target is _WRAP_GRAD:
+            enabled, body, *rest = args
+            ctx: contextlib.AbstractContextManager = torch.set_grad_enabled(bool(enabled))
+        else:
+            device_type, dtype, enabled, cache_enabled, body, *rest = args
+            ctx = torch.autocast(device_type=device_type, dtype=dtype, enabled=bool(enabled),
+                                 cache_enabled=cache_enabled)
+        with ctx:
+            return self._run_body(body, rest)
+
+    def _run_body(self, body: fx.GraphModule, args: Sequence[Any]) -> Any:
+        env: dict[str, Any] = {}
+        inputs = iter(args)
+        for node in body.graph.nodes:
+            if node.op == "placeholder":
+                env[node.name] = next(inputs)
+            elif node.op == "get_attr":
+                owner, _, attr = str(node.target).rpartition(".")
+                env[node.name] = getattr(body.get_submodule(owner), attr)
+            elif node.op == "output":
+                return fx.node.map_arg(node.args[0], lambda n: env[n.name])
+            else:
+                a = fx.node.map_arg(node.args, lambda n: env[n.name])
+                k = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
+                env[node.name] = self._call(node, a, k, None)
+        raise AutoplanError("a higher-order op's body has no output")
 
     def _regather_hooks(self, name: str) -> contextlib.AbstractContextManager:
         """FSDP semantics: a gathered parameter is not kept for backward; backward gathers it again."""
@@ -327,29 +496,32 @@ class ParallelModel:
         """Run the planned forward on sharded inputs (from ``shard_inputs``): the loss as a DTensor."""
         env: dict[str, Any] = {}
         placeholders = iter(inputs)
-        prog = self.program
-        for node in prog.gm.graph.nodes:
-            if node.op == "placeholder" and node.name in prog.param_of:  # torch.export lifts parameters
-                env[node.name] = self._value_of_attr(prog.param_of[node.name])
+        rg = self._rg = self._run_graph(int(inputs[0].shape[0])) if inputs else self._rg
+        last_uses = self._last_uses
+        for node in rg.gm.graph.nodes:
+            if node.op == "placeholder" and node.name in rg.param_of:  # torch.export lifts parameters
+                env[node.name] = self._value_of_attr(rg.param_of[node.name])
             elif node.op == "placeholder":
                 env[node.name] = next(placeholders)
             elif node.op == "get_attr":
-                env[node.name] = self._value_of_attr(str(node.target).removeprefix("model."))
+                env[node.name] = self._get_attr(rg.gm, node)
             elif node.op == "output":
-                return fx.node.map_arg(node.args[0], lambda n: env[n.name])
-            elif node.name in prog.split_nodes:
+                out = fx.node.map_arg(node.args[0], lambda n: env[n.name])
+                return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out  # export: (loss,)
+            elif node.name in rg.split_nodes:
                 env[node.name] = node  # evaluated per getitem, after moving its source
             else:
                 env[node.name] = self._run(node, env)
-            for freed in self._last_uses.get(node.name, ()):
+            for freed in last_uses.get(node.name, ()):
                 env.pop(freed, None)
         raise AutoplanError("the traced graph has no output")
 
     def _run(self, node: fx.Node, env: dict[str, Any]) -> Any:
         prog = self.program
         op = prog.ops.get(node.name)
-        if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and node.args[0].name in prog.split_nodes:
-            split = prog.split_nodes[node.args[0].name]
+        splits = self._rg.split_nodes
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and node.args[0].name in splits:
+            split = splits[node.args[0].name]
             src = split.args[0]
             value = env[src.name]
             if op is not None:
@@ -379,22 +551,24 @@ class ParallelModel:
 
     @property
     def _last_uses(self) -> dict[str, list[str]]:
-        cached = getattr(self, "_last_uses_cache", None)
+        rg = self._rg
+        cached = self._last_uses_by_graph.get(id(rg.gm))
         if cached is None:
             seen: set[str] = set()
             cached = {}
-            for node in reversed(list(self.program.gm.graph.nodes)):
+            splits = rg.split_nodes
+            for node in reversed(list(rg.gm.graph.nodes)):
                 deps = list(node.all_input_nodes)
-                if node.name in self.program.split_nodes or node.op == "output":
+                if node.name in splits or node.op == "output":
                     deps = []  # split nodes are read through their source by each getitem
                 if node.target is operator.getitem and node.args and isinstance(node.args[0], fx.Node) \
-                        and node.args[0].name in self.program.split_nodes:
-                    deps = list(self.program.split_nodes[node.args[0].name].all_input_nodes)
+                        and node.args[0].name in splits:
+                    deps = list(splits[node.args[0].name].all_input_nodes)
                 for d in deps:
                     if d.name not in seen:
                         seen.add(d.name)
                         cached.setdefault(node.name, []).append(d.name)
-            self._last_uses_cache = cached
+            self._last_uses_by_graph[id(rg.gm)] = cached
         return cached
 
     # -------------------------------------------------------------------------- training
@@ -506,11 +680,19 @@ def apply(model: nn.Module, plan: Plan | str, *, optimizer: OptimizerFactory | N
     if not dist.is_initialized():
         raise AutoplanError("autoplan.apply needs an initialised process group: run under torchrun and call "
                             "torch.distributed.init_process_group('gloo') first")
-    cap = recapture(model, plan, example_inputs)
+    method = plan.data["model"].get("capture", "auto")
+    meta, inputs_fn = _capture_inputs(model, plan, example_inputs)
+    cap = capture(meta, inputs_fn, method=method)
     graph = build_graph(cap)
     check_plan(plan, graph, dist.get_world_size())
     mesh = make_mesh(plan)
     program = build_program(plan, cap, graph, mesh)
+    if cap.method == "export":  # the batch (and the meta device) are baked into the ops: export per batch
+        program.export_at = exporter(meta, inputs_fn, cap.graph_module, torch.device(mesh.device_type))
     params = distribute_parameters(model, program.params, mesh)
-    opt = optimizer(list(dict.fromkeys(params.values()))) if optimizer is not None else None
-    return ParallelModel(model, plan, program, params, opt)
+    pm = ParallelModel(model, plan, program, params, None)
+    training = plan.data["training"]
+    if program.export_at is not None and training.get("global_batch"):  # export now for the planned micro-batch
+        pm._run_graph(int(training["global_batch"]) // int(training.get("micro_batches", 1) or 1))
+    pm.optimizer = optimizer(list(dict.fromkeys(params.values()))) if optimizer is not None else None
+    return pm

@@ -109,11 +109,29 @@ def _pad_to_partial(x: DTensor, axis: int) -> DTensor:
     return DTensor.from_local(local, mesh, placements, run_check=False, shape=x.shape, stride=x.stride())
 
 
+def _free_splits_first(cur: DPlacements, dst: DPlacements) -> DPlacements:
+    """With a reduction (P -> R|S) due on some axis, first take the local chunks (R -> S) due on the
+    others: the reduction then moves a shard, as the cost model prices it (DTensor would reduce first)."""
+    if not any(c.is_partial() and not d.is_partial() for c, d in zip(cur, dst)):
+        return cur
+    out = list(cur)
+    for axis, (c, d) in enumerate(zip(cur, dst)):
+        if isinstance(c, DReplicate) and isinstance(d, DShard):
+            others = [p for a, p in enumerate(list(cur) + list(dst)) if a % len(cur) != axis]
+            if not any(isinstance(p, DShard) and p.dim == d.dim for p in others):  # dim split once: order is free
+                out[axis] = d
+    return tuple(out)
+
+
 def move(x: DTensor, dst: DPlacements) -> DTensor:
     """The planned transition src -> dst: DTensor's redistribute, plus local R|S -> P."""
     cur = normalize(x.placements, x.ndim)
     if cur == dst:
         return x
+    free = _free_splits_first(cur, dst)
+    if free != cur:
+        x = x.redistribute(x.device_mesh, free)
+        cur = free
     first = tuple(c if d.is_partial() else d for c, d in zip(cur, dst))
     if first != cur:
         x = x.redistribute(x.device_mesh, first)

@@ -39,9 +39,10 @@ def sgd_check(model_name: str, plan, batch) -> float:
     from autoplan.capture import loss_from_output
     from autoplan.runtime import apply
 
-    model, _ = build(model_name)
+    model, example = build(model_name)
     ref = copy.deepcopy(model)
-    pm = apply(model, plan, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.5))
+    pm = apply(model, plan, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.5),
+               example_inputs=(example,) if example is not None else None)
     pm.train_step(*batch)
     opt = torch.optim.SGD(ref.parameters(), lr=0.5)
     loss_from_output(ref(batch[0]), batch[1], True).backward()
@@ -116,7 +117,7 @@ def run_case(case: str, batches, seq: int) -> dict:
     out["param_rel"] = max(rel(full[n], p.detach()) for n, p in ref.named_parameters())
     out["param_abs"] = max(float((full[n] - p.detach()).abs().max()) for n, p in ref.named_parameters())
     out["unplanned"] = pm.unplanned
-    if example is None and micro is None and (family == "fsdp" or (mesh and "," in mesh)):
+    if micro is None and (family == "fsdp" or (mesh and "," in mesh)):
         out["sgd_param_rel"] = sgd_check(name, plan, batches[0])  # gradient scale, beyond Adam
     return out
 
