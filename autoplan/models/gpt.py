@@ -82,7 +82,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.heads, self.head_dim).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0, is_causal=True)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # -1: local width under tensor parallel
         return self.resid_drop(self.proj(y))
 
 

@@ -112,7 +112,7 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin, self.head_dim // 2)
         k = apply_rope(k, cos, sin, self.head_dim // 2)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
-        return self.wo(y.transpose(1, 2).contiguous().view(B, T, C))
+        return self.wo(y.transpose(1, 2).contiguous().view(B, T, -1))  # -1: local width under tensor parallel
 
 
 class FeedForward(nn.Module):
