@@ -36,24 +36,9 @@ def solver_line(summary: dict[str, Any]) -> str:
         lines.append(f"pipeline {'(chosen)' if chosen else 'alternative'}: tp={c['tp']} pp={c['pp']} dp={c['dp']} "
                      f"micro-batch {c['micro_batch']} v={c['virtual_stages']} recompute {c['recompute']}: "
                      f"{fmt_seconds(e['step_time_s'])}, MFU {100 * e['mfu']:.1f}%")
-    lines.append(execution_line(summary.get("execution")))
     if summary.get("unsupported_ops"):
         lines.append("replicated (no sharding rule): " + ", ".join(summary["unsupported_ops"]))
     return "\n".join(lines)
-
-
-def execution_line(execution: dict[str, Any] | None) -> str:
-    """How ``autoplan train`` runs the plan (see ``autoplan.execution``)."""
-    if not execution or execution.get("runtime") == "per-op":
-        why = f" ({execution['reason']})" if execution and execution.get("reason") else ""
-        return f"runs with the per-op runtime{why}"
-    r = execution["recipe"]
-    parts = [f"tp={r['tp']} pp={r['pp']} dp={r['dp']}", f"zero {r['zero']}", f"{r['micro_batches']} micro-batch(es)"]
-    if r["pp"] > 1:
-        parts.append(r["schedule"] + (f" v={r['virtual_stages']}" if r["virtual_stages"] > 1 else ""))
-    if r["recompute"] != "none":
-        parts.append(f"recompute {r['recompute']}")
-    return f"runs as a native recipe ({', '.join(parts)}; from the {execution.get('from')} layout)"
 
 
 class _SearchProgress:
@@ -130,7 +115,8 @@ def plan_cmd(model: str, cluster: str, nodes: int | None, devices: int | None, g
         from autoplan.report.text import summary as rich_summary
 
         click.echo(rich_summary(result.data, color=sys.stdout.isatty()))
-        extra = solver_line(summary).splitlines()[1:]  # the summary already has the solver line
+        extra = [line for line in solver_line(summary).splitlines()[1:]  # the summary has the solver line and the pipeline
+                 if not line.startswith("pipeline ")]
         if extra:
             click.echo("\n".join(extra))
         if output:

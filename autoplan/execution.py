@@ -29,6 +29,7 @@ from autoplan.strategies import Replicate, Shard, Strategy
 # Megatron's split of the zoo's transformer blocks (names of the Linear modules)
 COLUMN_PARALLEL = ("qkv", "fc", "wq", "wk", "wv", "w1", "w3")
 ROW_PARALLEL = ("proj", "wo", "w2")
+VOCAB_PARALLEL = ("tok_emb", "lm_head")  # split along the vocabulary (the loss runs vocab-parallel)
 NORM_KINDS = ("layer_norm", "rms_norm", "dropout")
 RECIPE_DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "bf16"}  # fp16 plans run bf16 (no loss scaling)
 
@@ -62,6 +63,8 @@ def _megatron_param(qual: str, ndim: int) -> str:
     """How the recipe splits a parameter over the tensor-parallel axis: "S(0)", "S(1)" or "R"."""
     parts = qual.split(".")
     module, leaf = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", parts[-1])
+    if module in VOCAB_PARALLEL:
+        return "S(0)"
     if module in COLUMN_PARALLEL:
         return "S(0)"
     if module in ROW_PARALLEL and leaf == "weight" and ndim == 2:

@@ -239,11 +239,55 @@ def param_node_names(params: dict[str, Any]) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------- breakdowns
 
+def _tflops_redo(pred: dict[str, Any]) -> float | None:
+    """The recompute share of ``compute_s`` from an estimate's hardware vs model TFLOP/s, if it has them."""
+    hw, model = pred.get("hardware_tflops_per_device"), pred.get("model_tflops_per_device")
+    if hw is None or model is None or float(hw) <= 0:
+        return None
+    return float(pred.get("compute_s") or 0.0) * max(0.0, float(hw) - float(model)) / float(hw)
+
+
+def _pipeline_estimate(data: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline search's estimate behind a pipeline plan's ``predicted`` (has the TFLOP/s fields)."""
+    pipe = data.get("pipeline_alternative") or {}
+    return pipe.get("predicted") or {} if pipe.get("found") else {}
+
+
+def _block_compute(data: dict[str, Any]) -> tuple[float, float, str]:
+    """(compute in repeated blocks, total compute, recompute of that split) from the ops, or for a
+    pipeline plan from the per-op alternative's per-layer prediction."""
+    containers = _containers(data)
+    ops = data.get("ops") or []
+    if ops:
+        block = sum(float(o.get("compute_s") or 0.0) for o in ops if block_of(o.get("module") or "", containers) is not None)
+        total = sum(float(o.get("compute_s") or 0.0) for o in ops)
+        return block, total, (data.get("training") or {}).get("recompute") or "none"
+    alt = ((data.get("per_op_alternative") or {}).get("predicted")) or {}
+    layers = alt.get("per_layer") or []
+    block = sum(float(x.get("compute_s") or 0.0) for x in layers if block_of(x.get("layer") or "", containers) is not None)
+    total = sum(float(x.get("compute_s") or 0.0) for x in layers)
+    return block, total, alt.get("recompute") or "none"
+
+
 def recompute_seconds(data: dict[str, Any]) -> float:
-    """Compute spent re-running forwards (full recompute adds one forward to every block op)."""
+    """Compute spent re-running forwards (full recompute adds one forward to every block op).
+
+    A pipeline plan has no ops: its ``predicted["recompute_s"]`` when present, else the estimate's
+    ``compute_s * (hardware - model TFLOP/s) / hardware`` (the redone forwards' share).
+    """
     training = data.get("training") or {}
+    pred = data.get("predicted") or {}
+    if pred.get("recompute_s") is not None:
+        return float(pred["recompute_s"])
     if (training.get("recompute") or "none") == "none":
         return 0.0
+    if is_pipeline(data):
+        est = _pipeline_estimate(data)
+        redo = _tflops_redo({**est, "compute_s": pred.get("compute_s", est.get("compute_s"))}) if est else None
+        if redo is not None:
+            return redo
+        full = (training.get("recompute") or "none") == "full"
+        return float(pred.get("compute_s") or 0.0) / (2.0 + BACKWARD_FACTOR) if full else 0.0
     containers = _containers(data)
     in_block = sum(float(o.get("compute_s") or 0.0) for o in data.get("ops") or []
                    if block_of(o.get("module") or "", containers) is not None)
@@ -261,14 +305,16 @@ def step_breakdown(data: dict[str, Any], pred: dict[str, Any] | None = None) -> 
     compute = float(pred.get("compute_s") or 0.0)
     if pred is main:
         redo = recompute_seconds(data)
+    elif pred.get("recompute_s") is not None:
+        redo = float(pred["recompute_s"])
     elif (pred.get("recompute") or "none") == "none":
         redo = 0.0
+    elif _tflops_redo(pred) is not None:
+        redo = _tflops_redo(pred) or 0.0
     else:
-        containers = _containers(data)
-        total = sum(float(o.get("compute_s") or 0.0) for o in data.get("ops") or []) or 1.0
-        block = sum(float(o.get("compute_s") or 0.0) for o in data.get("ops") or []
-                    if block_of(o.get("module") or "", containers) is not None)
-        if (main.get("recompute") or "none") != "none":
+        block, total, recompute = _block_compute(data)
+        total = total or 1.0
+        if recompute != "none":
             share = block / 4 / total
         else:
             share = (block / 3) / (total + block / 3)
@@ -299,8 +345,22 @@ def memory_breakdown(pred: dict[str, Any], dtype: str = "bf16") -> list[tuple[st
 
 
 def alternatives(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """The chosen plan, the runners-up and the baselines, as rows {name, kind, ...prediction}."""
+    """The chosen plan, the solution of the other search (per-op or pipeline) that lost, the
+    runners-up and the baselines, as rows {name, role, ...prediction}."""
     rows = [{"name": "autoplan", "role": "chosen", **(data.get("predicted") or {})}]
+    if is_pipeline(data):
+        rows[0]["description"] = "chosen: pipeline"
+    alt = data.get("per_op_alternative") or {}
+    if alt.get("predicted"):
+        rows.append({"name": "per-op plan (not chosen)", "role": "alternative", **alt["predicted"],
+                     "description": execution_line(alt.get("execution") or {"runtime": "per-op"})})
+    pipe = data.get("pipeline_alternative") or {}
+    if pipe.get("found") and pipe.get("predicted") and not is_pipeline(data):
+        c = pipe.get("config") or {}
+        rows.append({"name": "pipeline (not chosen)", "role": "alternative", **pipe["predicted"],
+                     "mesh": {"pp": c.get("pp"), "dp": c.get("dp"), "tp": c.get("tp")},
+                     "recompute": c.get("recompute", pipe["predicted"].get("recompute")),
+                     "description": f"pipeline search: {pipeline_config_text(c, pipe['predicted'].get('micro_batches'))}"})
     for i, r in enumerate(data.get("runners_up") or []):
         rows.append({"name": f"runner-up {i + 1}", "role": "runner-up", **r})
     for name, b in (data.get("baselines") or {}).items():
@@ -344,7 +404,14 @@ def axis_roles(data: dict[str, Any]) -> list[dict[str, Any]]:
         spans.append(inner * size)
         inner *= size
     spans = list(reversed(spans))
+    pipe = pipeline_layout(data) if is_pipeline(data) else None
     for a, (axis, size) in enumerate(zip(names, shape)):
+        if pipe is not None:
+            link = "intra-node (NVLink)" if per_node and spans[a] <= per_node else ("inter-node" if per_node else "")
+            if per_node and spans[a] > per_node and (spans[a] // size) < per_node:
+                link = "crosses nodes"
+            out.append({"axis": axis, "size": size, "role": _recipe_axis_role(axis, size, pipe), "link": link})
+            continue
         weights = [(float(o.get("compute_s") or 0.0), (o.get("output") or [])) for o in data.get("ops") or []]
         total_c = sum(w for w, _ in weights) or 1.0
         batch = any(a < len(pl) and pl[a] == "S(0)" for pl in inputs.values()) or (
@@ -366,6 +433,226 @@ def axis_roles(data: dict[str, Any]) -> list[dict[str, Any]]:
             link = "crosses nodes"
         out.append({"axis": axis, "size": size, "role": role, "link": link})
     return out
+
+
+# ---------------------------------------------------------------------------------------------- execution
+
+ZERO_MEANING = {0: "weights, gradients and optimizer states replicated over dp (DDP)",
+                1: "optimizer states sharded over dp (ZeRO-1)",
+                2: "optimizer states and gradients sharded over dp (ZeRO-2)",
+                3: "weights, gradients and optimizer states sharded over dp (ZeRO-3 / FSDP)"}
+SCHEDULE_NAMES = {"1f1b": "1F1B", "interleaved": "interleaved 1F1B", "gpipe": "GPipe"}
+FROM_TEXT = {"pipeline search": "from the pipeline search",
+             "fixed configuration": "a fixed configuration (autoplan estimate -o)",
+             "ddp": "from the per-op plan, a DDP layout",
+             "fsdp": "from the per-op plan, an FSDP layout",
+             "megatron": "from the per-op plan, a Megatron tensor-parallel layout"}
+
+
+def execution_line(execution: dict[str, Any] | None) -> str:
+    """One line: how ``autoplan train`` runs the plan (see ``autoplan.execution``)."""
+    if not execution or execution.get("runtime", "per-op") == "per-op":
+        why = f", not a native recipe: {execution['reason']}" if execution and execution.get("reason") else ""
+        return f"runs with the per-op runtime{why}"
+    r = execution.get("recipe") or {}
+    parts = [f"tp={r.get('tp', 1)} pp={r.get('pp', 1)} dp={r.get('dp', 1)}", f"ZeRO {r.get('zero', 0)}",
+             f"{r.get('micro_batches', 1)} micro-batch{'es' if r.get('micro_batches', 1) != 1 else ''}"]
+    if int(r.get("pp") or 1) > 1:
+        v = int(r.get("virtual_stages") or 1)
+        parts.append(f"{SCHEDULE_NAMES.get(r.get('schedule'), r.get('schedule'))}" + (f" (v={v})" if v > 1 else ""))
+    parts.append(f"recompute {r.get('recompute', 'none')}")
+    if r.get("sequence_parallel"):
+        parts.append("sequence parallel")
+    src = execution.get("from")
+    where = f" ({FROM_TEXT.get(src, 'from ' + str(src))})" if src else ""
+    return f"runs as a native recipe: {', '.join(parts)}{where}"
+
+
+def is_pipeline(data: dict[str, Any]) -> bool:
+    """True for a plan executed only as a recipe (the pipeline search won): no per-op placements."""
+    if data.get("ops"):
+        return False
+    ex = data.get("execution") or {}
+    return (ex.get("runtime") == "recipe" and bool(ex.get("recipe"))) or "pipeline_stages" in (data.get("training") or {})
+
+
+def split_blocks(blocks: int, chunks: int) -> list[int]:
+    """Balanced blocks per chunk (they differ by at most one; the extra blocks go to the last
+    chunks, as ``autoplan.runtime.recipe.split_layers`` places them)."""
+    if chunks <= 0:
+        return []
+    base, extra = divmod(max(blocks, 0), chunks)
+    return [base + (1 if c >= chunks - extra else 0) for c in range(chunks)]
+
+
+def pipeline_config_text(c: dict[str, Any], micro_batches: int | None = None) -> str:
+    v = int(c.get("virtual_stages") or 1)
+    out = f"tp={c.get('tp', 1)} pp={c.get('pp', 1)} dp={c.get('dp', 1)}"
+    if v > 1:
+        out += f" v={v}"
+    if micro_batches:
+        out += f", {micro_batches} micro-batches of {c.get('micro_batch', '?')}"
+    return out + f", ZeRO {c.get('zero', 0)}, recompute {c.get('recompute', 'none')}"
+
+
+def pipeline_layout(data: dict[str, Any]) -> dict[str, Any]:
+    """A pipeline plan's configuration and what every stage holds.
+
+    ``{pp, v, tp, dp, schedule, micro_batches, micro_batch, zero, sequence_parallel, recompute,
+    container, blocks, chunks: [{chunk, stage, virtual, first, last, count}], stages: [{stage,
+    ranks, chunks, blocks, embedding, head, holds}], bubble_s, bubble_share}``. The repeated
+    blocks are cut into ``pp * v`` balanced chunks (or ``recipe.stage_layers``), chunk ``i`` on
+    stage ``i % pp``; the first stage also holds the embedding, the last the final norm and head.
+    """
+    t = data.get("training") or {}
+    r = ((data.get("execution") or {}).get("recipe")) or {}
+    cfg = ((data.get("pipeline_alternative") or {}).get("config")) or {}
+    mesh = mesh_of(data)
+
+    def pick(key: str, *alts: Any, default: Any = 1) -> Any:
+        for x in (r.get(key), *alts):
+            if x is not None:
+                return x
+        return default
+
+    pp = int(pick("pp", t.get("pipeline_stages"), mesh.get("pp"), cfg.get("pp")))
+    v = int(pick("virtual_stages", t.get("virtual_stages"), cfg.get("virtual_stages")))
+    tp = int(pick("tp", mesh.get("tp"), cfg.get("tp")))
+    dp = int(pick("dp", mesh.get("dp"), cfg.get("dp")))
+    m = int(pick("micro_batches", t.get("micro_batches")))
+    schedule = pick("schedule", default="interleaved" if v > 1 else "1f1b")
+    groups = (data.get("model") or {}).get("repeated_blocks") or []
+    container = groups[0].get("container") if groups else None
+    blocks = int(groups[0].get("count") or 0) if groups else 0
+    n = pp * v
+    counts = r.get("stage_layers")
+    if not (isinstance(counts, list) and len(counts) == n and sum(counts) == blocks):
+        counts = split_blocks(blocks, n)
+    chunks, start = [], 0
+    for i, cnt in enumerate(counts):
+        chunks.append({"chunk": i, "stage": i % pp, "virtual": i // pp, "first": start, "last": start + cnt - 1, "count": cnt})
+        start += cnt
+    per_stage = tp * dp
+    stages = []
+    for s in range(pp):
+        mine = [c for c in chunks if c["stage"] == s]
+        held = [c for c in mine if c["count"] > 0]
+        idx = [i for c in held for i in range(c["first"], c["last"] + 1)]
+        parts = (["embedding"] if s == 0 else []) + (
+            [f"{container or 'blocks'} {fmt_ranges(idx)}"] if idx else ([] if blocks else ["(blocks unknown)"])) + (
+            ["final norm + head"] if s == pp - 1 else [])
+        stages.append({"stage": s, "ranks": (s * per_stage, (s + 1) * per_stage - 1), "chunks": mine,
+                       "blocks": sum(c["count"] for c in mine), "embedding": s == 0, "head": s == pp - 1,
+                       "holds": ", ".join(parts)})
+    pred = data.get("predicted") or {}
+    bubble = float(pred.get("bubble_s") or 0.0)
+    step = float(pred.get("step_time_s") or 0.0)
+    return {"pp": pp, "v": v, "tp": tp, "dp": dp, "schedule": schedule, "micro_batches": m,
+            "micro_batch": t.get("micro_batch", cfg.get("micro_batch")), "zero": int(pick("zero", t.get("zero"), cfg.get("zero"), default=0)),
+            "sequence_parallel": bool(pick("sequence_parallel", t.get("sequence_parallel"), cfg.get("sequence_parallel"), default=False)),
+            "recompute": pick("recompute", t.get("recompute"), cfg.get("recompute"), default="none"),
+            "container": container, "blocks": blocks, "chunks": chunks, "stages": stages,
+            "bubble_s": bubble, "bubble_share": bubble / step if step else 0.0}
+
+
+def fmt_ranks(ranks: tuple[int, int]) -> str:
+    a, b = ranks
+    return f"rank {a}" if a == b else f"ranks {a}-{b}"
+
+
+def pipeline_headline(p: dict[str, Any]) -> str:
+    """'16 pipeline stages x 4 virtual (interleaved 1F1B), 64 micro-batches of 1'."""
+    v = f" x {p['v']} virtual" if p["v"] > 1 else ""
+    stages = f"{p['pp']} pipeline stage{'s' if p['pp'] != 1 else ''}{v}"
+    return (f"{stages} ({SCHEDULE_NAMES.get(p['schedule'], p['schedule'])}) · {p['micro_batches']} micro-batch"
+            f"{'es' if p['micro_batches'] != 1 else ''} of {p['micro_batch']}")
+
+
+def _recipe_axis_role(axis: str, size: int, p: dict[str, Any]) -> str:
+    if size == 1:
+        return "unused (size 1)"
+    if axis == "pp":
+        return f"pipeline: splits the layers into {size} stages" + (f" ({p['v']} chunks each, interleaved)" if p["v"] > 1 else "")
+    if axis == "dp":
+        return "data parallel: splits the batch; " + ZERO_MEANING.get(p["zero"], f"ZeRO {p['zero']}")
+    if axis == "tp":
+        return ("tensor parallel (Megatron): splits every block's weights" +
+                (", norms split along the sequence (sequence parallel)" if p["sequence_parallel"] else ""))
+    return "?"
+
+
+def pipeline_schedule(pp: int, v: int, m: int, fwd: float, bwd: float) -> list[list[tuple[str, int, int, float, float]]]:
+    """Simulated (1F1B / interleaved 1F1B) schedule: per stage, [(F|B, micro-batch, chunk, start, end)].
+
+    Every chunk's forward of one micro-batch takes ``fwd``, its backward ``bwd``; an op starts when
+    its stage is free and the previous (forward) or next (backward) chunk of that micro-batch is
+    done. Megatron's order per stage (warm-up forwards, one forward one backward, cool-down); when
+    that order cannot run (interleaving needs ``m`` a multiple of ``pp``), all forwards then all
+    backwards.
+    """
+    def order(s: int, interleaved: bool) -> list[tuple[str, int, int]]:
+        total = m * v
+        if interleaved:
+            def unit(k: int, fw: bool) -> tuple[int, int]:
+                c = (k % (pp * v)) // pp
+                return (k // (pp * v)) * pp + k % pp, (c if fw else v - 1 - c)
+            warm = min(total, (pp - s - 1) * 2 + (v - 1) * pp)
+        else:
+            def unit(k: int, fw: bool) -> tuple[int, int]:
+                return k, 0
+            warm = min(total, pp - s - 1)
+        seq, f, b = [], 0, 0
+        for _ in range(warm):
+            seq.append(("F", *unit(f, True)))
+            f += 1
+        while f < total:
+            seq.append(("F", *unit(f, True)))
+            f += 1
+            seq.append(("B", *unit(b, False)))
+            b += 1
+        while b < total:
+            seq.append(("B", *unit(b, False)))
+            b += 1
+        return seq
+
+    def gpipe(s: int) -> list[tuple[str, int, int]]:
+        return [("F", i, c) for c in range(v) for i in range(m)] + [("B", i, c) for c in reversed(range(v)) for i in range(m)]
+
+    def simulate(orders: list[list[tuple[str, int, int]]]):
+        done: dict[tuple[str, int, int], float] = {}  # (kind, micro-batch, global chunk) -> end
+        free = [0.0] * pp
+        pos = [0] * pp
+        out: list[list[tuple[str, int, int, float, float]]] = [[] for _ in range(pp)]
+        last = pp * v - 1
+        remaining = sum(len(o) for o in orders)
+        while remaining:
+            progressed = False
+            for s in range(pp):
+                while pos[s] < len(orders[s]):
+                    kind, mb, c = orders[s][pos[s]]
+                    g = c * pp + s
+                    if kind == "F":
+                        dep = ("F", mb, g - 1) if g > 0 else None
+                    else:
+                        dep = ("B", mb, g + 1) if g < last else ("F", mb, g)
+                    if dep is not None and dep not in done:
+                        break
+                    start = max(free[s], done[dep] if dep is not None else 0.0)
+                    end = start + (fwd if kind == "F" else bwd)
+                    done[(kind, mb, g)] = end
+                    free[s] = end
+                    out[s].append((kind, mb, c, start, end))
+                    pos[s] += 1
+                    remaining -= 1
+                    progressed = True
+            if not progressed:
+                return None
+        return out
+
+    res = None
+    if v == 1 or m % pp == 0:
+        res = simulate([order(s, v > 1) for s in range(pp)])
+    return res if res is not None else simulate([gpipe(s) for s in range(pp)]) or [[] for _ in range(pp)]
 
 
 # ---------------------------------------------------------------------------------------------- diff
@@ -402,13 +689,20 @@ def diff_plans(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     ta, tb = a.get("training") or {}, b.get("training") or {}
     if mesh_of(a) != mesh_of(b):
         config.append(("mesh", fmt_mesh(mesh_of(a)), fmt_mesh(mesh_of(b))))
-    for key in ("micro_batches", "micro_batch", "recompute", "dtype", "global_batch", "seq_len"):
+    for key in ("micro_batches", "micro_batch", "recompute", "dtype", "global_batch", "seq_len", "pipeline_stages",
+                "virtual_stages", "zero", "sequence_parallel"):
         if ta.get(key) != tb.get(key):
-            config.append((key.replace("_", "-"), str(ta.get(key)), str(tb.get(key))))
+            config.append((key.replace("_", "-"), str(ta.get(key, "-")), str(tb.get(key, "-"))))
+    ea, eb = execution_line(a.get("execution")), execution_line(b.get("execution"))
+    if ea != eb:
+        config.append(("runs", ea.removeprefix("runs "), eb.removeprefix("runs ")))
     pa, pb = a.get("params") or {}, b.get("params") or {}
-    pitems = [(n, n, pa.get(n), pb.get(n)) for n in list(pa) + [n for n in pb if n not in pa] if pa.get(n) != pb.get(n)]
     oa = {o.get("name"): o for o in a.get("ops") or []}
     ob = {o.get("name"): o for o in b.get("ops") or []}
+    if is_pipeline(a) or is_pipeline(b):
+        notes.append("a pipeline plan has no per-op placements: only the configuration and the cost are compared")
+        pa, pb, oa, ob = {}, {}, {}, {}
+    pitems = [(n, n, pa.get(n), pb.get(n)) for n in list(pa) + [n for n in pb if n not in pa] if pa.get(n) != pb.get(n)]
     oitems = []
     suffix = {}
     for name in list(oa) + [n for n in ob if n not in oa]:
@@ -427,6 +721,9 @@ def diff_plans(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         if va is None and vb is None:
             continue
         cost.append({"field": field, "kind": kind, "a": va, "b": vb})
+    ba, bb = (a.get("predicted") or {}).get("bubble_s"), (b.get("predicted") or {}).get("bubble_s")
+    if ba or bb:
+        cost.insert(4, {"field": "bubble_s", "kind": "s", "a": ba or 0.0, "b": bb or 0.0})
     fa, fb = (a.get("predicted") or {}).get("fits"), (b.get("predicted") or {}).get("fits")
     return {"notes": notes, "config": config, "params": _group_changes(pitems, containers),
             "ops": _group_changes(oitems, containers, suffix), "cost": cost, "fits": (fa, fb),
@@ -439,6 +736,9 @@ def diff_plans(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 def find_op(data: dict[str, Any], query: str) -> dict[str, Any]:
     """The op named ``query`` (an op name, or a module path that owns exactly one computing op)."""
     ops = data.get("ops") or []
+    if not ops and is_pipeline(data):
+        raise AutoplanError(f"this plan runs as a pipeline recipe ({pipeline_config_text(pipeline_layout(data))}) and has no "
+                            "per-op placements to explain: `autoplan show PLAN` shows its stages")
     by_name = {o.get("name"): o for o in ops}
     if query in by_name:
         return by_name[query]

@@ -2,7 +2,8 @@
 
 No network, no CDN, no fonts to fetch: the page opens offline. Sections have stable ids:
 ``summary``, ``mesh``, ``graph``, ``memory``, ``step-time``, ``timeline``, ``compare``,
-``params``, ``collectives``. Repeated layers are drawn once (``blocks.0-125 x126``), so the
+``params``, ``collectives``; a pipeline plan (no per-op placements) has ``pipeline`` instead of
+``graph`` and no ``params`` / ``collectives`` (``sections_for``). Repeated layers are drawn once (``blocks.0-125 x126``), so the
 page stays small for any model size. ``#report-status`` carries ``data-ready``,
 ``data-errors`` (script errors seen by the page) and ``data-load-ms`` for tests.
 """
@@ -58,14 +59,22 @@ def _kpis(data: dict[str, Any]) -> str:
     elif (data.get("baselines") or {}) and p.get("step_time_s"):
         speed = "no baseline fits"
     del ddp
+    pipe = E.pipeline_layout(data) if E.is_pipeline(data) else None
+    if pipe is not None:
+        v = f" x {pipe['v']} virtual" if pipe["v"] > 1 else ""
+        stages = f"{data.get('world_size', '?')} devices, {pipe['pp']} pipeline stage{'s' if pipe['pp'] != 1 else ''}{v}"
+        mb_sub = (f"of {t.get('micro_batch', '?')} samples, {E.SCHEDULE_NAMES.get(pipe['schedule'], pipe['schedule'])}, "
+                  f"recompute {t.get('recompute', 'none')}")
+    else:
+        stages = f"{data.get('world_size', '?')} devices, 1 pipeline stage"
+        mb_sub = f"of {t.get('micro_batch', '?')} samples, recompute {t.get('recompute', 'none')}"
     cards = [
         ("step time", E.fmt_seconds(p.get("step_time_s")), speed),
         ("MFU", E.fmt_pct(p.get("mfu")), f"of {c.get('device', 'device')} peak"),
         ("tokens / s", f"{_num(p.get('tokens_per_s')):,.0f}" if p.get("tokens_per_s") else "-", f"global batch {t.get('global_batch', '?')} x {t.get('seq_len', '?')}"),
         ("memory / device", E.fmt_bytes(peak), f"{100 * peak / usable:.0f}% of {E.fmt_bytes(usable)} usable" if usable else ""),
-        ("mesh", E.fmt_mesh(E.mesh_of(data)), f"{data.get('world_size', '?')} devices, 1 pipeline stage"),
-        ("micro-batches", f"{t.get('micro_batches', 1)}",
-         f"of {t.get('micro_batch', '?')} samples, recompute {t.get('recompute', 'none')}"),
+        ("mesh", E.fmt_mesh(E.mesh_of(data)), stages),
+        ("micro-batches", f"{t.get('micro_batches', 1)}", mb_sub),
     ]
     fits = p.get("fits")
     badge = '<span class="badge ok">fits in memory</span>' if fits else '<span class="badge bad">does NOT fit</span>'
@@ -73,7 +82,8 @@ def _kpis(data: dict[str, Any]) -> str:
     for label, value, sub in cards:
         out.append(f'<div class="kpi"><div class="kl">{esc(label)}</div><div class="kv{" sm" if len(value) > 11 else ""}">{esc(value)}</div><div class="ks">{esc(sub)}</div></div>')
     out.append("</div>")
-    return badge + "".join(out)
+    run = f'<div class="run">{esc(E.execution_line(data.get("execution")))}</div>'
+    return badge + run + "".join(out)
 
 
 def _mesh_svg(data: dict[str, Any]) -> str:
@@ -103,8 +113,13 @@ def _mesh_svg(data: dict[str, Any]) -> str:
         if r < 0:
             out.append(f'<text x="{left + 4}" y="{y + ch / 2 + 4}" class="ell">&#8942; {rows - 5:,} more rows</text>')
             continue
-        out.append(f'<text x="{left - 10}" y="{y + ch / 2 + 4}" text-anchor="end" class="axl">'
-                   f'{esc(names[0] if names else "row")} {r if len(shape) >= 2 else ""}</text>' if len(shape) >= 2 else "")
+        if len(shape) >= 2:
+            coords, rest = [], r
+            for n, size in reversed(list(zip(names[:-1], shape[:-1]))):
+                coords.append(f"{n} {rest % size}")
+                rest //= size
+            shown = [c for c, size in zip(reversed(coords), shape[:-1]) if size > 1] or [coords[-1]]
+            out.append(f'<text x="{left - 10}" y="{y + ch / 2 + 4}" text-anchor="end" class="axl">{esc(" · ".join(shown))}</text>')
         for ci, c in enumerate(shown_cols):
             x = left + ci * (cw + gap)
             if c < 0:
@@ -154,11 +169,31 @@ def _mesh_section(data: dict[str, Any]) -> str:
     node_note = (f"Each row is one node ({per_node} devices)." if per_node and width == per_node
                  else f"Dashed lines mark node boundaries ({per_node} devices per node)." if per_node else "")
     stages = "<b>1 stage</b>: no pipeline parallelism — every device runs every layer, so there is no pipeline bubble."
+    if E.is_pipeline(data):
+        pipe = E.pipeline_layout(data)
+        stages = (f"<b>{pipe['pp']} stage{'s' if pipe['pp'] != 1 else ''}</b>"
+                  + (f" x {pipe['v']} virtual" if pipe["v"] > 1 else "")
+                  + f" ({esc(E.SCHEDULE_NAMES.get(pipe['schedule'], pipe['schedule']))}): each row of {pipe['dp'] * pipe['tp']} devices "
+                  "with the same pp index is one stage; see <a href='#pipeline'>Pipeline stages</a>.")
+        maps = "".join(f"<tr><td>{esc(what)}</td><td></td><td>{esc(how)}</td></tr>" for what, how in _recipe_weights(pipe))
+        more = ""
     return (f'<div class="two"><div>{_mesh_svg(data)}<p class="muted">Each cell is a device (rank); colour = position on the innermost axis '
             f"(devices of one colour hold the same weight shard). {esc(node_note)}</p></div>"
             f'<div><table class="t"><tr><th>axis</th><th>size</th><th>link</th><th>what it splits</th></tr>{rows}</table>'
             f'<p>Pipeline: {stages}</p><h4>How the weights map onto the mesh</h4>'
             f'<table class="t"><tr><th>parameter</th><th></th><th>placement per axis</th></tr>{maps}</table>{more}</div></div>')
+
+
+def _recipe_weights(pipe: dict[str, Any]) -> list[tuple[str, str]]:
+    """How a pipeline recipe places the weights (the plan has no per-parameter placements)."""
+    rows = [("layers", f"split over pp: each stage holds {pipe['pp'] * pipe['v'] // max(pipe['pp'], 1)} chunk(s) of "
+                       f"{pipe['container'] or 'blocks'} (embedding on the first stage, head on the last)")]
+    if pipe["tp"] > 1:
+        rows.append(("block weights", f"Megatron split over tp={pipe['tp']}: column-parallel input projections, "
+                                      "row-parallel output projections"))
+    rows.append(("over dp", f"dp={pipe['dp']}: " + E.ZERO_MEANING.get(pipe["zero"], f"ZeRO {pipe['zero']}")
+                 if pipe["dp"] > 1 else "dp=1: one copy per stage and tp shard"))
+    return rows
 
 
 def _pill(axis: str, p: str) -> str:
@@ -306,6 +341,90 @@ def _graph_section(data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return "".join(parts), details
 
 
+CHUNK_COLORS = ["#3e7bfa", "#12a594", "#f5a524", "#8e4ec6", "#d6409f", "#0091ff", "#e5484d", "#30a46c"]
+MAX_STAGE_ROWS = 16
+
+
+def _shown_stages(n: int, cap: int = MAX_STAGE_ROWS) -> list[int]:
+    """Stage indices to draw; -1 marks the elided middle of a long pipeline."""
+    if n <= cap:
+        return list(range(n))
+    head = cap // 2
+    return list(range(head)) + [-1] + list(range(n - (cap - head - 1), n))
+
+
+def _pipeline_section(data: dict[str, Any]) -> str:
+    """The stages of a pipeline plan: which blocks each holds (diagram over the model's depth) and a table."""
+    pipe = E.pipeline_layout(data)
+    pp, v, blocks = pipe["pp"], pipe["v"], pipe["blocks"]
+    cont = pipe["container"] or "blocks"
+    shown = _shown_stages(pp)
+    left, width, rh, gap, endw = 150, 640, 26, 6, 46
+    unit = width / max(blocks, 1)
+    top = 34
+    H = top + len(shown) * (rh + gap) + 34
+    W = left + endw * 2 + width + 190
+    svg = [f'<svg class="chart pipe" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" aria-label="pipeline stages">']
+    x0 = left + endw
+    svg.append(f'<text x="{left}" y="16" class="lab s">embedding</text>'
+               f'<text x="{x0 + width / 2:.1f}" y="16" text-anchor="middle" class="lab s">{esc(cont)} 0-{max(blocks - 1, 0)} '
+               f'(model depth &#8594;)</text><text x="{x0 + width + 4}" y="16" class="lab s">norm + head</text>')
+    for ri, s_ in enumerate(shown):
+        y = top + ri * (rh + gap)
+        if s_ < 0:
+            svg.append(f'<text x="{left - 10}" y="{y + rh / 2 + 4}" text-anchor="end" class="ell">&#8942; {pp - len(shown) + 1} more stages</text>')
+            continue
+        st = pipe["stages"][s_]
+        svg.append(f'<text x="{left - 10}" y="{y + 11}" text-anchor="end" class="lab b">stage {s_}</text>'
+                   f'<text x="{left - 10}" y="{y + 24}" text-anchor="end" class="lab s">{esc(E.fmt_ranks(st["ranks"]))}</text>'
+                   f'<rect x="{x0}" y="{y}" width="{width}" height="{rh}" fill="#f1f4f8"/>')
+        if st["embedding"]:
+            svg.append(f'<rect x="{left}" y="{y}" width="{endw - 4}" height="{rh}" rx="4" fill="#9aa5b1" data-tip="stage {s_}: embedding"/>')
+        if st["head"]:
+            svg.append(f'<rect x="{x0 + width + 4}" y="{y}" width="{endw - 4}" height="{rh}" rx="4" fill="#9aa5b1" '
+                       f'data-tip="stage {s_}: final norm + head"/>')
+        for c in st["chunks"]:
+            if c["count"] <= 0:
+                continue
+            cx = x0 + c["first"] * unit
+            tip = (f"stage {s_}, chunk {c['chunk']} (virtual stage {c['virtual']}): {cont} "
+                   + (f"{c['first']}-{c['last']}" if c["count"] > 1 else f"{c['first']}") + f" ({c['count']} block{'s' if c['count'] > 1 else ''})")
+            svg.append(f'<rect x="{cx:.2f}" y="{y}" width="{max(c["count"] * unit - 0.8, 1.2):.2f}" height="{rh}" '
+                       f'fill="{CHUNK_COLORS[c["virtual"] % len(CHUNK_COLORS)]}" data-tip="{esc(tip)}"/>')
+        svg.append(f'<text x="{x0 + width + endw + 8}" y="{y + 15}" class="val">{st["blocks"]} block{"s" if st["blocks"] != 1 else ""}'
+                   f'{" + embedding" if st["embedding"] else ""}{" + head" if st["head"] else ""}</text>')
+    svg.append("</svg>")
+    legend = ""
+    if v > 1:
+        legend = '<div class="legend">' + "".join(
+            f'<span><i style="background:{CHUNK_COLORS[k % len(CHUNK_COLORS)]}"></i>chunk {k} of each stage (virtual stage {k})</span>'
+            for k in range(v)) + '<span><i style="background:#9aa5b1"></i>embedding / head</span></div>'
+    rows = []
+    for k, s_ in enumerate(_shown_stages(pp, 32)):
+        if s_ < 0:
+            rows.append(f"<tr><td colspan=5 class=muted>&#8942; {pp - 31} more stages</td></tr>")
+            continue
+        st = pipe["stages"][s_]
+        rows.append(f"<tr><td class=num>{s_}</td><td class=nw>{esc(E.fmt_ranks(st['ranks']))}</td><td class=num>{st['blocks']}</td>"
+                    f"<td class=mono>{esc(st['holds'])}</td><td class=num>{len([c for c in st['chunks'] if c['count']])}</td></tr>")
+    sched = E.SCHEDULE_NAMES.get(pipe["schedule"], pipe["schedule"])
+    facts = [("stages (pp)", str(pp)), ("virtual stages per device (v)", str(v)), ("schedule", sched),
+             ("micro-batches per step", f"{pipe['micro_batches']} of {pipe['micro_batch']} sample{'s' if pipe['micro_batch'] != 1 else ''}"),
+             ("devices per stage", f"tp={pipe['tp']} x dp={pipe['dp']}"),
+             ("ZeRO", f"ZeRO-{pipe['zero']}: {E.ZERO_MEANING.get(pipe['zero'], '')}"),
+             ("sequence parallel", "yes" if pipe["sequence_parallel"] else "no"), ("recompute", str(pipe["recompute"])),
+             ("pipeline bubble", f"{E.fmt_seconds(pipe['bubble_s'])} ({100 * pipe['bubble_share']:.1f}% of the step)")]
+    ftbl = "".join(f"<tr><td>{esc(k)}</td><td>{esc(val)}</td></tr>" for k, val in facts)
+    split = (f"The {blocks} {esc(cont)} are cut into {pp * v} balanced chunks (they differ by at most one block); chunk <i>i</i> runs on "
+             f"stage <i>i</i> mod {pp}" + (f", so every stage holds {v} chunks spread over the depth (interleaved schedule)" if v > 1 else "")
+             + ". The first stage also holds the embedding, the last the final norm and the head." if blocks else
+             "The model's repeated blocks are not recorded in the plan, so the split is not drawn.")
+    return (f'<p class="muted">{split} Activations pass from stage to stage (point-to-point); gradients flow back the same way.</p>'
+            + legend + "".join(svg)
+            + f'<div class="two"><table class="t"><tr><th>configuration</th><th></th></tr>{ftbl}</table>'
+            f'<table class="t"><tr><th>stage</th><th>devices</th><th>blocks</th><th>holds</th><th>chunks</th></tr>{"".join(rows)}</table></div>')
+
+
 def _hbar(segments: list[tuple[str, float]], total: float, width: int, height: int, x0: float, y: float, tipfmt) -> str:
     out, x = [], x0
     for name, v in segments:
@@ -376,20 +495,104 @@ def _step_section(data: dict[str, Any]) -> str:
     note = []
     if p.get("recompute", "none") != "none" or (data.get("training") or {}).get("recompute", "none") != "none":
         note.append("Recompute re-runs every repeated block's forward during backward (a quarter of its compute).")
-    note.append("Communication is the part the cost model does not overlap with compute; the pipeline bubble is 0 with one stage.")
-    segs = E.segments(data)
-    mx = max((s["compute_s"] for s in segs), default=0.0) or 1.0
-    seg_rows = "".join(
-        f"<tr><td class=mono>{esc(s['label'])}{' x' + str(s['count']) if s['count'] > 1 else ''}</td><td class=num>{esc(E.fmt_seconds(s['compute_s']))}</td>"
-        f"<td><div class=bar style='width:{max(1, 300 * s['compute_s'] / mx):.0f}px'></div></td></tr>" for s in segs)
-    return (_legend([n for n, _ in parts]) + "".join(svg) +
+    if E.is_pipeline(data):
+        pipe = E.pipeline_layout(data)
+        note.append(f"Compute, communication and bubble are those of the slowest stage. The pipeline bubble is the time every stage idles "
+                    f"while the {pipe['pp']} stages fill and drain: (pp-1)/v = {(pipe['pp'] - 1) / pipe['v']:.3g} passes of one "
+                    "micro-batch through a stage.")
+        mx = max((st["blocks"] for st in pipe["stages"]), default=0) or 1
+        seg_rows = "".join(
+            f"<tr><td class=mono>stage {st['stage']}</td><td class='num nw'>{st['blocks']}{' + emb' if st['embedding'] else ''}"
+            f"{' + head' if st['head'] else ''}</td><td><div class=bar style='width:{max(1, 300 * st['blocks'] / mx):.0f}px'></div></td></tr>"
+            for st in (pipe["stages"][i] for i in _shown_stages(pipe["pp"]) if i >= 0))
+        where = f'<table class="t"><tr><th>where the compute goes</th><th>{esc(pipe["container"] or "blocks")}</th><th></th></tr>{seg_rows}</table>'
+    else:
+        note.append("Communication is the part the cost model does not overlap with compute; the pipeline bubble is 0 with one stage.")
+        segs = E.segments(data)
+        mx = max((s["compute_s"] for s in segs), default=0.0) or 1.0
+        seg_rows = "".join(
+            f"<tr><td class=mono>{esc(s['label'])}{' x' + str(s['count']) if s['count'] > 1 else ''}</td><td class=num>{esc(E.fmt_seconds(s['compute_s']))}</td>"
+            f"<td><div class=bar style='width:{max(1, 300 * s['compute_s'] / mx):.0f}px'></div></td></tr>" for s in segs)
+        where = f'<table class="t"><tr><th>where the compute goes</th><th>compute</th><th></th></tr>{seg_rows}</table>'
+    return (_legend([n for n, v in parts if v > 0 or n != "pipeline bubble"]) + "".join(svg) +
             f'<div class="two"><table class="t"><tr><th>part of one step</th><th>time</th><th>share</th></tr>{tbl}'
             f"<tr><td><b>step</b></td><td class=num><b>{esc(E.fmt_seconds(p.get('step_time_s')))}</b></td><td></td></tr></table>"
-            f'<table class="t"><tr><th>where the compute goes</th><th>compute</th><th></th></tr>{seg_rows}</table></div>'
-            f'<p class="muted">{" ".join(note)}</p>')
+            f'{where}</div><p class="muted">{" ".join(note)}</p>')
+
+
+MAX_SCHEDULE_OPS = 20000  # forward/backward boxes drawn at most (longer schedules are drawn with fewer micro-batches)
+
+
+def _pipeline_timeline(data: dict[str, Any]) -> str:
+    """The simulated pipeline schedule: one row per stage, a forward and a backward box per micro-batch and chunk."""
+    pipe = E.pipeline_layout(data)
+    p = data.get("predicted") or {}
+    pp, v, m = pipe["pp"], pipe["v"], max(1, pipe["micro_batches"])
+    parts = dict(E.step_breakdown(data))
+    busy = parts["compute"] + parts["recompute"] + parts["exposed communication"]
+    opt = parts["optimizer"]
+    # a unit = one micro-batch through one chunk; backward = 2x forward (+ the redone forward)
+    comp = parts["compute"] or 1.0
+    ratio_b = (comp * E.BACKWARD_FACTOR / (1 + E.BACKWARD_FACTOR) + parts["recompute"]) / (comp / (1 + E.BACKWARD_FACTOR))
+    unit = busy / (m * v) if busy > 0 else 1.0 / (m * v)
+    fwd = unit / (1 + ratio_b)
+    bwd = unit - fwd
+    shown_m = m
+    while shown_m > pp and 2 * shown_m * v * pp > MAX_SCHEDULE_OPS:
+        shown_m = max(pp, shown_m // 2 // pp * pp or pp)
+    sched = E.pipeline_schedule(pp, v, shown_m, fwd, bwd)
+    end = max((op[4] for row in sched for op in row), default=0.0) or 1.0
+    rows = _shown_stages(pp)
+    left, width, rh, gap = 150, 800, 20, 4
+    top = 12
+    H = top + len(rows) * (rh + gap) + 60
+    scale = width / (end + opt) if end + opt > 0 else 1.0
+    svg = [f'<svg viewBox="0 0 {left + width + 30} {H}" width="{left + width + 30}" height="{H}" class="chart">']
+    for ri, s_ in enumerate(rows):
+        y = top + ri * (rh + gap)
+        if s_ < 0:
+            svg.append(f'<text x="{left - 10}" y="{y + 14}" text-anchor="end" class="ell">&#8942; {pp - len(rows) + 1} more</text>')
+            continue
+        svg.append(f'<text x="{left - 10}" y="{y + 14}" text-anchor="end" class="lab">stage {s_}</text>'
+                   f'<rect x="{left}" y="{y}" width="{end * scale:.1f}" height="{rh}" fill="#eef1f5" data-tip="stage {s_}: idle (bubble)"/>')
+        # one path per (kind, chunk): thousands of boxes stay a few hundred KiB
+        paths: dict[tuple[str, int], list[str]] = {}
+        for kind, mb, c, t0, t1 in sched[s_]:
+            yy = y + (0 if kind == "F" else rh / 2)
+            w = max((t1 - t0) * scale - 0.3, 0.4)
+            paths.setdefault((kind, c), []).append(f"M{left + t0 * scale:.1f} {yy:g}h{w:.1f}v{rh / 2:g}h-{w:.1f}z")
+        for (kind, c), d in sorted(paths.items()):
+            n = len(d)
+            tip = (f"stage {s_}: {'forwards' if kind == 'F' else 'backwards'}" + (f" of chunk {c}" if v > 1 else "")
+                   + f", {n} micro-batch{'es' if n != 1 else ''} of {E.fmt_seconds(fwd if kind == 'F' else bwd)} each")
+            svg.append(f'<path d="{"".join(d)}" fill="{CHUNK_COLORS[c % len(CHUNK_COLORS)]}" fill-opacity="{1 if kind == "F" else 0.6}" '
+                       f'data-tip="{esc(tip)}"/>')
+        svg.append(f'<rect x="{left + end * scale:.2f}" y="{y}" width="{max(opt * scale, 1.5):.2f}" height="{rh}" fill="#8e4ec6" '
+                   f'data-tip="optimizer step {esc(E.fmt_seconds(opt))}"/>')
+    ay = top + len(rows) * (rh + gap) + 4
+    real = _num(p.get("step_time_s")) or (end + opt)
+    svg.append(f'<line x1="{left}" y1="{ay}" x2="{left + width}" y2="{ay}" class="axis"/>')
+    for i in range(6):
+        tx = left + i * width / 5
+        label = E.fmt_seconds((end + opt) * i / 5) if shown_m == m else f"{100 * i / 5:.0f}%"
+        svg.append(f'<line x1="{tx:.1f}" y1="{ay}" x2="{tx:.1f}" y2="{ay + 5}" class="axis"/>'
+                   f'<text x="{tx:.1f}" y="{ay + 18}" text-anchor="middle" class="tick">{esc(label)}</text>')
+    svg.append(f'<text x="{left}" y="{ay + 38}" class="lab s">pipeline bubble {esc(E.fmt_seconds(pipe["bubble_s"]))} '
+               f'({100 * pipe["bubble_share"]:.1f}% of the {esc(E.fmt_seconds(real))} step): the grey gaps at the start and end of each row</text></svg>')
+    legend = '<div class="legend">' + "".join(
+        f'<span><i style="background:{CHUNK_COLORS[k % len(CHUNK_COLORS)]}"></i>{"chunk " + str(k) + ": " if v > 1 else ""}forward (top) / backward (bottom)</span>'
+        for k in range(v)) + '<span><i style="background:#eef1f5"></i>idle (bubble)</span><span><i style="background:#8e4ec6"></i>optimizer</span></div>'
+    sched_name = E.SCHEDULE_NAMES.get(pipe["schedule"], pipe["schedule"])
+    note = (f"{sched_name} schedule of {m} micro-batches over {pp} stages" + (f" with {v} chunks per stage" if v > 1 else "")
+            + ", simulated with equal stage times (compute and exposed communication of the slowest stage)."
+            + (f" Drawn with {shown_m} of the {m} micro-batches (the steady state repeats); the time axis is in % of the drawn schedule."
+               if shown_m != m else ""))
+    return legend + "".join(svg) + f'<p class="muted">{esc(note)}</p>'
 
 
 def _timeline_section(data: dict[str, Any]) -> str:
+    if E.is_pipeline(data):
+        return _pipeline_timeline(data)
     p = data.get("predicted") or {}
     t = data.get("training") or {}
     m = max(1, int(t.get("micro_batches") or 1))
@@ -475,7 +678,8 @@ def _compare_section(data: dict[str, Any]) -> str:
         f"<td class=num>{esc(E.fmt_seconds(r.get('step_time_s')))}</td><td class=num>{esc(E.fmt_pct(r.get('mfu')))}</td>"
         f"<td class=num>{esc(E.fmt_bytes(r.get('peak_memory_bytes')))}</td><td>{'yes' if r.get('fits') else '<b class=badt>no</b>'}</td></tr>"
         for r in allr)
-    return (_legend(["compute", "recompute", "exposed communication", "optimizer"]) + "".join(svg) +
+    bubble = ["pipeline bubble"] if any(_num(r.get("bubble_s")) > 0 for r in allr) else []
+    return (_legend(["compute", "recompute", "exposed communication", "optimizer"] + bubble) + "".join(svg) +
             '<table class="t"><tr><th>plan</th><th>what</th><th>mesh</th><th>micro-batches</th><th>recompute</th><th>step</th><th>MFU</th><th>memory</th><th>fits</th></tr>'
             + tr + "</table>")
 
@@ -516,8 +720,8 @@ section h2{margin:0 0 10px;font-size:18px}h4{margin:14px 0 6px}
 .kpis{display:grid;grid-template-columns:repeat(auto-fit,minmax(160px,1fr));gap:12px;margin-top:14px}
 .kpi{background:rgba(255,255,255,.1);border-radius:10px;padding:10px 14px}.kl{font-size:12px;text-transform:uppercase;letter-spacing:.05em;opacity:.75}
 .kv{font-size:22px;font-weight:650}.kv.sm{font-size:17px;padding:3px 0}.ks{font-size:12px;opacity:.75}
-.badge{display:inline-block;border-radius:99px;padding:2px 10px;font-size:12px;font-weight:600;margin-top:8px}.badge.ok{background:#30a46c}.badge.bad{background:#e5484d}
-.muted{color:#66707d}.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px}
+.badge{display:inline-block;border-radius:99px;padding:2px 10px;font-size:12px;font-weight:600;margin-top:8px}.run{margin-top:8px;font-size:13px;opacity:.9}.badge.ok{background:#30a46c}.badge.bad{background:#e5484d}
+.muted{color:#66707d}.nw{white-space:nowrap}.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px}
 .t{border-collapse:collapse;margin:8px 0;min-width:320px}.t th{text-align:left;font-weight:600;color:#4a5563;border-bottom:2px solid #e1e6ee;padding:4px 10px 4px 0;font-size:12.5px}
 .t td{border-bottom:1px solid #eef1f5;padding:4px 12px 4px 0;vertical-align:middle}.t .num{text-align:right;font-variant-numeric:tabular-nums}
 .t tr.chosen td{background:#eef4ff;font-weight:600}.narrow{max-width:480px}
@@ -570,26 +774,42 @@ if(document.readyState==='complete')done();else window.addEventListener('load',d
 SECTIONS = [("mesh", "Device mesh"), ("graph", "Layer graph"), ("memory", "Memory per device"),
             ("step-time", "Step time"), ("timeline", "Schedule"), ("compare", "Plan vs baselines"),
             ("params", "Parameters"), ("collectives", "Communication")]
+# a pipeline plan (executed as a recipe) has no per-op placements: its stages replace the layer graph,
+# and there are no per-parameter placements or per-op collectives to list
+PIPELINE_SECTIONS = [("mesh", "Device mesh"), ("pipeline", "Pipeline stages"), ("memory", "Memory per device"),
+                     ("step-time", "Step time"), ("timeline", "Schedule"), ("compare", "Plan vs alternatives")]
+
+
+def sections_for(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """The report's sections (id, title) for this plan."""
+    return PIPELINE_SECTIONS if E.is_pipeline(data) else SECTIONS
 
 
 def render_html(data: dict[str, Any], *, source: str = "plan.json") -> str:
     """The whole report page as one string."""
     model = data.get("model") or {}
     c = data.get("cluster") or {}
-    graph_html, details = _graph_section(data)
-    bodies = {
-        "mesh": _mesh_section(data), "graph": graph_html, "memory": _memory_section(data),
-        "step-time": _step_section(data), "timeline": _timeline_section(data), "compare": _compare_section(data),
-        "params": _params_section(data), "collectives": _collectives_section(data),
+    sections = sections_for(data)
+    builders = {
+        "mesh": _mesh_section, "pipeline": _pipeline_section, "memory": _memory_section, "step-time": _step_section,
+        "timeline": _timeline_section, "compare": _compare_section, "params": _params_section,
+        "collectives": _collectives_section,
     }
+    details: dict[str, Any] = {}
+    bodies = {}
+    for sid, _ in sections:
+        if sid == "graph":
+            bodies[sid], details = _graph_section(data)
+        else:
+            bodies[sid] = builders[sid](data)
     solver = data.get("solver") or {}
     payload = json.dumps({"ops": details, "file": source}, separators=(",", ":"), default=str).replace("</", "<\\/")
     title = f"{model.get('name', 'model')} on {data.get('world_size', '?')} x {c.get('device', c.get('name', 'device'))}"
     nparams = _num(model.get("num_params"))
     sub = (f"{nparams / 1e9:.2f}B parameters · cluster {c.get('name', '?')} · planned {data.get('created', '')}"
            if nparams >= 1e8 else f"{nparams:,.0f} parameters · cluster {c.get('name', '?')} · planned {data.get('created', '')}")
-    nav = "".join(f'<a href="#{sid}">{esc(name)}</a>' for sid, name in SECTIONS)
-    secs = "".join(f'<section id="{sid}"><h2>{esc(name)}</h2>{bodies[sid]}</section>' for sid, name in SECTIONS)
+    nav = "".join(f'<a href="#{sid}">{esc(name)}</a>' for sid, name in sections)
+    secs = "".join(f'<section id="{sid}"><h2>{esc(name)}</h2>{bodies[sid]}</section>' for sid, name in sections)
     foot = (f"autoplan {esc(data.get('autoplan_version', ''))} · solver {esc(solver.get('name', '?'))} "
             f"({esc(E.fmt_seconds(solver.get('seconds')))}, gap {_num(solver.get('gap')):.2g}) · search {esc(E.fmt_seconds(solver.get('search_seconds')))} over "
             f"{esc(solver.get('configurations', '?'))} configurations · model fingerprint {esc(model.get('fingerprint', ''))}")

@@ -3,7 +3,8 @@
 Panels: the headline numbers, step time of the plan beside its runners-up and baselines
 (stacked compute / recompute / communication / optimizer), memory per device against capacity
 (stacked weights / gradients / optimizer state / activations), and the layer strip: every op of
-each layer group coloured by its output placement on each mesh axis.
+each layer group coloured by its output placement on each mesh axis; for a pipeline plan (no
+per-op placements), the stage strip: the blocks every pipeline stage holds.
 """
 from __future__ import annotations
 
@@ -41,11 +42,13 @@ def render_static(data: dict[str, Any], path: str | Path, fmt: str) -> Path:
     p = data.get("predicted") or {}
     rows = E.alternatives(data)
     fig = plt.figure(figsize=(12, 7.2), dpi=110)
-    gs = fig.add_gridspec(2, 2, height_ratios=[1.6, 1.1], hspace=0.75, wspace=0.28, left=0.1, right=0.97, top=0.72, bottom=0.06)
+    gs = fig.add_gridspec(2, 2, height_ratios=[1.6, 1.1], hspace=0.75, wspace=0.34, left=0.14, right=0.97, top=0.72, bottom=0.06)
     fig.patch.set_facecolor("white")
     # header
     title = f"{model.get('name', 'model')} on {data.get('world_size', '?')} x {c.get('device', c.get('name', '?'))}"
     fig.text(0.03, 0.965, title, fontsize=16, fontweight="bold", color="#0f1e3d", va="top")
+    fig.text(0.03, 0.915, E.execution_line(data.get("execution")), fontsize=8.5, color="#4a5563", va="top")
+    pipe = E.pipeline_layout(data) if E.is_pipeline(data) else None
     head = fig.add_axes((0.03, 0.80, 0.94, 0.095))
     head.axis("off")
     usable = float(c.get("usable_memory_bytes") or 0.0)
@@ -55,12 +58,14 @@ def render_static(data: dict[str, Any], path: str | Path, fmt: str) -> Path:
             ("mesh", E.fmt_mesh(E.mesh_of(data))),
             ("micro-batches x size", f"{t.get('micro_batches', 1)} x {t.get('micro_batch', '?')}"),
             ("recompute", str(t.get("recompute", "none")))]
+    if pipe is not None:  # recompute is in the execution line
+        kpis[-1] = ("pipeline stages", f"{pipe['pp']}" + (f" x {pipe['v']} virtual" if pipe["v"] > 1 else ""))
     for i, (k, v) in enumerate(kpis):
         x = i / len(kpis)
         head.add_patch(plt.Rectangle((x + 0.003, 0.0), 1 / len(kpis) - 0.01, 1.0, transform=head.transAxes,
                                      color="#eef3fb", ec="#c9d6ee", lw=0.8))
         head.text(x + 0.012, 0.72, k.upper(), transform=head.transAxes, fontsize=8, color="#5a6573")
-        head.text(x + 0.012, 0.25, v, transform=head.transAxes, fontsize=12 if len(v) < 14 else 9.5, fontweight="bold", color="#1c2430")
+        head.text(x + 0.012, 0.25, v, transform=head.transAxes, fontsize=12 if len(v) < 13 else (10 if len(v) < 17 else 8.5), fontweight="bold", color="#1c2430")
     # step time
     ax = fig.add_subplot(gs[0, 0])
     ok = [r for r in rows if r.get("step_time_s") is not None]
@@ -88,8 +93,11 @@ def render_static(data: dict[str, Any], path: str | Path, fmt: str) -> Path:
     ax.set_xlim(0, mx * 1.45)
     ax.set_title("step time: plan vs runners-up and baselines", loc="left", fontweight="bold")
     ax.xaxis.set_major_formatter(lambda v, _: E.fmt_seconds(v))
-    ax.legend(handles=[Patch(color=PART_COLORS[n], label=n) for n in ("compute", "recompute", "exposed communication", "optimizer")],
-              fontsize=7.5, loc="upper center", bbox_to_anchor=(0.45, -0.12), ncol=4, frameon=False)
+    parts = ["compute", "recompute", "exposed communication", "optimizer"]
+    if any(float(r.get("bubble_s") or 0.0) > 0 for r in ok):
+        parts.append("pipeline bubble")
+    ax.legend(handles=[Patch(color=PART_COLORS[n], label=n) for n in parts],
+              fontsize=7.5, loc="upper center", bbox_to_anchor=(0.45, -0.12), ncol=len(parts), frameon=False)
     ax.set_ylim(-0.6, len(order) - 0.4)
     # memory
     ax = fig.add_subplot(gs[0, 1])
@@ -114,8 +122,11 @@ def render_static(data: dict[str, Any], path: str | Path, fmt: str) -> Path:
     ax.legend(handles=[Patch(color=PART_COLORS[n], label=n) for n in ("weights", "gradients", "optimizer state", "activations")],
               fontsize=7.5, loc="upper center", bbox_to_anchor=(0.45, -0.12), ncol=4, frameon=False)
     ax.set_ylim(-0.6, len(order) - 0.4)
-    # layer strip
+    # layer strip (a pipeline plan: its stages)
     ax = fig.add_subplot(gs[1, :])
+    if pipe is not None:
+        _stage_strip(plt, ax, pipe)
+        return _save(plt, fig, path, fmt)
     names = (data.get("mesh") or {}).get("axis_names") or []
     segs = E.segments(data)
     x = 0.0
@@ -141,9 +152,57 @@ def render_static(data: dict[str, Any], path: str | Path, fmt: str) -> Path:
         sp.set_visible(False)
     ax.set_title("layers: output placement of every op on each mesh axis (repeated blocks drawn once)", loc="left", fontweight="bold")
     order_pl = [q for q in ("R", "S(0)", "S(1)", "S(2)", "S(3)", "P") if q in seen] + sorted(seen - set(AXIS_COLORS))
-    ax.legend(handles=[Patch(color=AXIS_COLORS.get(q, "#d6409f"), label=q) for q in order_pl], fontsize=7, ncol=len(order_pl),
-              loc="upper right", bbox_to_anchor=(1.0, 1.32), frameon=False)
+    if order_pl:
+        ax.legend(handles=[Patch(color=AXIS_COLORS.get(q, "#d6409f"), label=q) for q in order_pl], fontsize=7, ncol=len(order_pl),
+                  loc="upper right", bbox_to_anchor=(1.0, 1.32), frameon=False)
+    return _save(plt, fig, path, fmt)
+
+
+def _save(plt, fig, path: str | Path, fmt: str) -> Path:
     path = Path(path)
     fig.savefig(path, format=fmt, facecolor="white")
     plt.close(fig)
     return path
+
+
+def _stage_strip(plt, ax, pipe: dict[str, Any]) -> None:
+    """One row per pipeline stage over the model's depth: the chunks of blocks it holds (coloured by
+    virtual stage), the embedding on the first stage and the head on the last."""
+    from matplotlib.patches import Patch
+
+    from autoplan.report.html import CHUNK_COLORS, _shown_stages
+
+    blocks = max(pipe["blocks"], 1)
+    end = blocks * 0.06 + 0.5  # width of the embedding / head boxes, in blocks
+    rows = _shown_stages(pipe["pp"], 8)
+    n = len(rows)
+    for ri, s in enumerate(rows):
+        y = n - 1 - ri
+        if s < 0:
+            ax.text(blocks / 2, y + 0.4, f"... {pipe['pp'] - n + 1} more stages", ha="center", va="center", fontsize=8, color="#66707d")
+            continue
+        st = pipe["stages"][s]
+        ax.add_patch(plt.Rectangle((0, y + 0.1), blocks, 0.7, color="#f1f4f8"))
+        if st["embedding"]:
+            ax.add_patch(plt.Rectangle((-end - 0.3, y + 0.1), end, 0.7, color="#9aa5b1"))
+        if st["head"]:
+            ax.add_patch(plt.Rectangle((blocks + 0.3, y + 0.1), end, 0.7, color="#9aa5b1"))
+        for c in st["chunks"]:
+            if c["count"] > 0:
+                ax.add_patch(plt.Rectangle((c["first"], y + 0.1), c["count"] - 0.08 * min(1, c["count"]), 0.7,
+                                           color=CHUNK_COLORS[c["virtual"] % len(CHUNK_COLORS)]))
+        ax.text(blocks + end + 0.8, y + 0.45, f"{st['blocks']} blocks", va="center", fontsize=7, color="#4a5563")
+    ax.set_xlim(-end - 0.6, blocks + end + blocks * 0.08 + 2)
+    ax.set_ylim(-0.1, n)
+    ax.set_yticks([n - 1 - ri + 0.45 for ri, s in enumerate(rows) if s >= 0],
+                  [f"stage {s}" for s in rows if s >= 0], fontsize=7 if n > 8 else 8)
+    ax.set_xlabel(f"{pipe['container'] or 'blocks'} 0-{blocks - 1} (embedding left, final norm + head right)", fontsize=8)
+    ax.tick_params(length=0)
+    for sp in ax.spines.values():
+        sp.set_visible(False)
+    sched = E.SCHEDULE_NAMES.get(pipe["schedule"], pipe["schedule"])
+    ax.set_title(f"pipeline: {pipe['pp']} stages x {pipe['v']} virtual ({sched}), tp={pipe['tp']} x dp={pipe['dp']} each; "
+                 f"bubble {E.fmt_seconds(pipe['bubble_s'])} ({100 * pipe['bubble_share']:.1f}%)", loc="left", fontweight="bold")
+    handles = [Patch(color=CHUNK_COLORS[k % len(CHUNK_COLORS)], label=f"chunk {k}") for k in range(pipe["v"])] if pipe["v"] > 1 else []
+    handles.append(Patch(color="#9aa5b1", label="embedding / head"))
+    ax.legend(handles=handles, fontsize=7, ncol=len(handles), loc="upper right", bbox_to_anchor=(1.0, 1.32), frameon=False)

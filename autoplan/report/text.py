@@ -85,8 +85,13 @@ def summary(data: dict[str, Any], *, color: bool = False, plain: bool = False, w
     p = data.get("predicted") or {}
     o.line(f"{m.get('name', '?')} on {data.get('world_size', '?')} x {c.get('device', c.get('name', '?'))} "
            f"({c.get('name', '?')})", "bold")
-    o.line(f"mesh {E.fmt_mesh(E.mesh_of(data))} · 1 pipeline stage · {t.get('micro_batches', 1)} micro-batch(es) of "
-           f"{t.get('micro_batch', '?')} · recompute {t.get('recompute', 'none')} · {t.get('dtype', '')}")
+    pipe = E.pipeline_layout(data) if E.is_pipeline(data) else None
+    if pipe is not None:
+        o.line(f"mesh {E.fmt_mesh(E.mesh_of(data))} · {E.pipeline_headline(pipe)} · {t.get('dtype', '')}")
+    else:
+        o.line(f"mesh {E.fmt_mesh(E.mesh_of(data))} · 1 pipeline stage · {t.get('micro_batches', 1)} micro-batch(es) of "
+               f"{t.get('micro_batch', '?')} · recompute {t.get('recompute', 'none')} · {t.get('dtype', '')}")
+    o.line(E.execution_line(data.get("execution")))
     fits = "fits" if p.get("fits") else "DOES NOT FIT"
     usable = float(c.get("usable_memory_bytes") or 0.0)
     share = f" ({100 * float(p.get('peak_memory_bytes') or 0) / usable:.0f}% of {E.fmt_bytes(usable)})" if usable else ""
@@ -111,7 +116,9 @@ def summary(data: dict[str, Any], *, color: bool = False, plain: bool = False, w
                      "yes" if r.get("fits") else "no"])
     o.table("plan vs runners-up and baselines", ["plan", "mesh", "mb", "recompute", "step", "MFU", "memory", "fits"],
             rows, right={2, 4, 5, 6}, highlight=hl)
-    segs = E.segments(data)
+    if pipe is not None:
+        _pipeline_table(o, pipe)
+    segs = E.segments(data) if pipe is None else []
     names = (data.get("mesh") or {}).get("axis_names") or []
     lrows = []
     for s in segs:
@@ -122,8 +129,9 @@ def summary(data: dict[str, Any], *, color: bool = False, plain: bool = False, w
             pl[key] = pl.get(key, 0) + 1
         common = ", ".join(f"[{k}] x{v}" for k, v in sorted(pl.items(), key=lambda kv: -kv[1])[:3])
         lrows.append([s["label"], f"x{s['count']}" if s["count"] > 1 else "", str(len(main)), E.fmt_seconds(s["compute_s"]), common])
-    o.table(f"layers (output placement per axis {', '.join(names)})", ["layers", "", "ops", "compute", "placements"],
-            lrows, right={2, 3})
+    if lrows or pipe is None:
+        o.table(f"layers (output placement per axis {', '.join(names)})", ["layers", "", "ops", "compute", "placements"],
+                lrows, right={2, 3})
     sharded = [g for g in E.group_params(data.get("params") or {}, E._containers(data)) if any(x != "R" for x in g["placements"])]
     if sharded:
         o.table("sharded weights", ["parameter", "tensors", "placement"],
@@ -136,7 +144,28 @@ def summary(data: dict[str, Any], *, color: bool = False, plain: bool = False, w
     return o.render()
 
 
+MAX_STAGES = 16
+
+
+def _pipeline_table(o: _Out, p: dict[str, Any]) -> None:
+    """One row per pipeline stage: its ranks and what it holds (long pipelines: first and last stages)."""
+    stages = p["stages"]
+    shown = stages if len(stages) <= MAX_STAGES else stages[: MAX_STAGES // 2] + stages[-MAX_STAGES // 2 + 1:]
+    rows = []
+    for k, st in enumerate(shown):
+        if k and st["stage"] != shown[k - 1]["stage"] + 1:
+            rows.append(["...", f"{st['stage'] - shown[k - 1]['stage'] - 1} more", "", ""])
+        rows.append([str(st["stage"]), E.fmt_ranks(st["ranks"]), str(st["blocks"]), st["holds"]])
+    o.table(f"pipeline stages (tp={p['tp']} x dp={p['dp']} devices each; {p['pp'] * p['v']} chunks, chunk i on stage i % {p['pp']})",
+            ["stage", "devices", p["container"] or "blocks", "holds"], rows, right={2})
+    if p["pp"] > 1:
+        o.line(f"pipeline bubble {E.fmt_seconds(p['bubble_s'])} ({100 * p['bubble_share']:.1f}% of the step): "
+               f"every stage idles (pp-1)/v = {(p['pp'] - 1) / p['v']:.3g} micro-batch passes")
+        o.line()
+
+
 LABELS = {"step_time_s": "step time", "compute_s": "compute", "comm_s": "exposed communication", "optimizer_s": "optimizer",
+          "bubble_s": "pipeline bubble",
           "peak_memory_bytes": "peak memory / device", "param_memory_bytes": "params+grads+optimizer",
           "activation_memory_bytes": "activations", "mfu": "MFU", "tokens_per_s": "tokens / s"}
 MAX_ROWS = 40
