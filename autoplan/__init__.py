@@ -19,8 +19,8 @@ def plan(*args, **kwargs):  # noqa: D103 - documented in autoplan.api.plan
 plan.__doc__ = "Plan the training of a model on a cluster (see autoplan.api.plan)."
 
 
-def apply(*args, **kwargs):  # noqa: D103 - documented in autoplan.runtime.apply
-    from autoplan.runtime import apply as _apply
+def apply(*args, **kwargs):  # noqa: D103 - documented in autoplan.runtime.engine.apply
+    from autoplan.runtime.engine import apply as _apply
 
     return _apply(*args, **kwargs)
 
@@ -31,7 +31,7 @@ def plan_and_train(*args, **kwargs):  # noqa: D103 - documented in autoplan.runt
     return _pt(*args, **kwargs)
 
 
-apply.__doc__ = "Apply a plan to a model on every rank (see autoplan.runtime.apply)."
+apply.__doc__ = "Apply a plan to a model on every rank, with the engine the plan names (see autoplan.runtime.engine)."
 plan_and_train.__doc__ = "Plan (or load a plan), apply, train, checkpoint (see autoplan.runtime.plan_and_train)."
 
 __all__ = ["AutoplanError", "Plan", "Prediction", "apply", "plan", "plan_and_train", "__version__"]

@@ -45,6 +45,9 @@ class Device:
     matmul_efficiency: float  # fraction of peak a large matmul reaches
     memory_efficiency: float  # fraction of memory bandwidth a streaming kernel reaches
     measured: DeviceTables | None = field(default=None, compare=False)  # measured: (issue #5) matmul/copy curves
+    # per-op cost of the per-op runtime's DTensor dispatch (forward + backward), beyond the op itself;
+    # measured by `autoplan profile`; 0 where not measured (GPU launches overlap with the host's work)
+    dtensor_dispatch_s: float = 0.0
 
     @property
     def usable_memory_bytes(self) -> float:
@@ -152,6 +155,8 @@ def cluster_from_dict(tree: dict[str, Any], where: str = "<dict>") -> Cluster:
         memory_bandwidth_bytes_per_s=_num(tree, "device.memory_bandwidth_bytes_per_s", sources, where),
         matmul_efficiency=_num(tree, "device.matmul_efficiency", sources, where),
         memory_efficiency=_num(tree, "device.memory_efficiency", sources, where),
+        dtensor_dispatch_s=(_num(tree, "device.dtensor_dispatch_s", sources, where)
+                            if "dtensor_dispatch_s" in dev else 0.0),
     )
     m_dev, m_intra, m_inter = _measured(tree, where)  # measured: (issue #5)
     if m_dev is not None:

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any
 
 from autoplan import __version__
 from autoplan.baselines import allow_for, baselines
-from autoplan.cost.comm import Collective, collective_seconds
+from autoplan.cost.comm import BUCKET_BYTES, Collective, collective_seconds
 from autoplan.cost.model import BACKWARD_FACTOR, GENERIC_BATCH, edge_collectives
 from autoplan.errors import InfeasibleError
 from autoplan.execution import lower, pipeline_execution
@@ -133,7 +133,8 @@ def _ops_and_collectives(job: Job, ev: Evaluated) -> tuple[list, dict, dict, lis
         owner = c["src"] if graph.nodes[c["src"]].kind == "param" else c["dst"]
         node = graph.nodes[owner]
         layer = _layer(node.param.rsplit(".", 1)[0] if node.kind == "param" and node.param else node.module)
-        t = collective_seconds(c["kind"], c["bytes"], sizes[c["axis"]], links[c["axis"]])
+        bucket = BUCKET_BYTES if graph.nodes[c["src"]].kind == "param" else None
+        t = collective_seconds(c["kind"], c["bytes"], sizes[c["axis"]], links[c["axis"]], bucket)
         per_layer[layer]["comm_s"] += t * c["per_step"]
     layers = [{"layer": k, **v} for k, v in per_layer.items()]
     return ops, params, data_inputs, colls, layers
@@ -187,12 +188,19 @@ def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = Se
                          "mesh": b.mesh.as_dict(), "error": str(exc)}
             entry["description"] = b.description
             base[b.name] = entry
+    if force is None and job.cluster.device.dtensor_dispatch_s > 0:
+        best = _native_if_faster(job, best, options, cache, budget)
+        predicted = predict(job, best, budget)
     ops, params, data_inputs, colls, layers = _ops_and_collectives(job, best)
+    execution = lower(job.graph, best.mesh, _chosen(job, best), params, micro_batches=best.cfg.micro_batches,
+                      recompute=best.cfg.recompute, dtype=best.cfg.dtype)
+    overhead = engine_overhead(job, best) if execution["runtime"] == "per-op" else 0.0
+    if overhead:
+        predicted = replace(predicted, step_time_s=predicted.step_time_s + overhead)
     pipe = _pipeline_alternative(job, options, predicted) if pipeline and job.tying.groups else None
     pred = predicted.to_json()
     pred["per_layer"] = layers
-    execution = lower(job.graph, best.mesh, _chosen(job, best), params, micro_batches=best.cfg.micro_batches,
-                      recompute=best.cfg.recompute, dtype=best.cfg.dtype)
+    pred["runtime_overhead_s"] = overhead
     mesh_json = {"shape": list(best.mesh.shape), "axis_names": list(best.mesh.axis_names)}
     training = {
         "global_batch": job.global_batch, "seq_len": job.seq_len, "micro_batches": best.cfg.micro_batches,
@@ -232,6 +240,37 @@ def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = Se
         },
     }
     return Plan(data)
+
+
+def engine_overhead(job: Job, ev: Evaluated) -> float:
+    """Seconds per step the per-op runtime adds: its DTensor dispatch (``dtensor_dispatch_s``, measured
+    by ``autoplan profile``; 0 on profiles without it) for every op, forward and backward, per micro-batch."""
+    ops = sum(1 for n in job.graph.nodes.values() if n.kind not in ("param", "buffer", "input"))
+    return ops * ev.cfg.micro_batches * job.cluster.device.dtensor_dispatch_s
+
+
+def _native_if_faster(job: Job, best: Evaluated, options: SearchOptions, cache: dict, budget: float) -> Evaluated:
+    """The search's best, or the best data-parallel layout (DDP, FSDP: native recipes, no per-op
+    dispatch) when it is faster once the per-op runtime's dispatch is counted."""
+    def total(ev: Evaluated) -> float:
+        chosen = _chosen(job, ev)
+        params = {n.param: format_placements(chosen[k].out) for k, n in job.graph.nodes.items() if n.kind == "param"}
+        ex = lower(job.graph, ev.mesh, chosen, params, micro_batches=ev.cfg.micro_batches,
+                   recompute=ev.cfg.recompute, dtype=ev.cfg.dtype)
+        return ev.solution.cost + (engine_overhead(job, ev) if ex["runtime"] == "per-op" else 0.0)
+
+    choice, choice_t = best, total(best)
+    flat = Mesh((job.devices,), ("dp",))
+    for family in ("ddp", "fsdp"):
+        try:
+            r = search(job.graph, job.tying, job.cluster, devices=job.devices, global_batch=job.global_batch,
+                       meshes=[flat], options=options, allow=allow_for(family, flat), cache=cache)
+        except InfeasibleError:
+            continue
+        t = total(r.best)
+        if r.best.solution.mem <= budget and t < choice_t:
+            choice, choice_t = r.best, t
+    return choice
 
 
 def _header(job: Job, budget: float) -> dict[str, Any]:

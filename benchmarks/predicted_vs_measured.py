@@ -3,9 +3,10 @@
     python benchmarks/predicted_vs_measured.py [--cluster profiles/cpu-measured.yaml] [--steps 4]
 
 Re-launches itself under torchrun on 4 CPU ranks (gloo). Rank 0 makes the plans (DDP, FSDP,
-TP 4, DP 2 x TP 2, the planner's choice, and DDP on a 2 x 2 mesh; pipeline parallelism is not run: ``autoplan.runtime``
-applies SPMD plans only), all ranks run each plan with ``autoplan.runtime.apply`` and time
-median steps (forward + backward + AdamW). Predictions: the cost model on ``--cluster``, and the
+TP 4, DP 2 x TP 2, PP 2 x DP 2 (1F1B, 4 micro-batches, as ``autoplan estimate -o`` writes it),
+the planner's choice (per-op and pipeline search), and DDP on a 2 x 2 mesh); all ranks run each
+plan with ``autoplan.apply`` (the engine its ``execution`` names: native recipe or per-op
+interpreter; printed per row) and time median steps (forward + backward + AdamW). Predictions: the cost model on ``--cluster``, and the
 same with the compute of every op replaced by the op-level profile (``autoplan.profiler.ops``,
 timed on every rank at once so the cores are as shared as in training; backward = 2 x forward).
 Reports Spearman rank correlation, median relative error, and the planner's choice vs the
@@ -27,13 +28,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-PLANS = [  # name, force, mesh
+PLANS = [  # name, force ("config": a fixed pipeline configuration), mesh
     ("ddp", "ddp", None),
     ("fsdp", "fsdp", None),
     ("tp", "megatron", "tp=4"),
     ("dp2xtp2", "megatron", "dp=2,tp=2"),
+    ("pp2xdp2", "config", "pp=2,dp=2"),
     ("planner", None, None),
-    ("ddp2x2", "ddp", "dp=2,dq=2"),  # an extra point the runtime can run (FSDP on 2 x 2 fails in DTensor's embedding mask)
+    ("ddp2x2", "ddp", "dp=2,dq=2"),  # an extra point (FSDP on 2 x 2 fails in DTensor's embedding mask)
 ]
 
 
@@ -83,11 +85,20 @@ def _median(v: list[float]) -> float:
 def _make_plans(args: argparse.Namespace, workdir: Path) -> None:
     import autoplan
 
+    from autoplan.api import prepare_job
+    from autoplan.estimate import EstimateConfig
+    from autoplan.planner import config_plan
+
     for name, force, mesh in PLANS:
         try:
-            p = autoplan.plan(args.model, cluster=args.cluster, devices=args.nproc, global_batch=args.batch,
-                              seq_len=args.seq, dtype="fp32", baselines=False, force=force, mesh=mesh,
-                              micro_batches=[1], recompute=False)
+            if force == "config":
+                sizes = dict(part.split("=") for part in mesh.split(","))
+                job = prepare_job(args.model, cluster=args.cluster, devices=args.nproc, global_batch=args.batch, seq_len=args.seq)
+                p = config_plan(job, EstimateConfig(pp=int(sizes["pp"]), dp=int(sizes["dp"]), micro_batch=1, dtype="fp32"))
+            else:
+                p = autoplan.plan(args.model, cluster=args.cluster, devices=args.nproc, global_batch=args.batch,
+                                  seq_len=args.seq, dtype="fp32", baselines=False, force=force, mesh=mesh,
+                                  micro_batches=[1], recompute=False, pipeline=force is None)
             p.save(workdir / f"{name}.plan.json")
         except Exception as exc:  # noqa: BLE001 - report and go on
             (workdir / f"{name}.error").write_text(f"{type(exc).__name__}: {exc}")
@@ -100,6 +111,8 @@ def _op_prediction(plan, graph, times) -> tuple[float, int]:
     from autoplan.strategies.placement import parse_placements
 
     d = plan.data
+    if not d["ops"]:
+        return d["predicted"]["step_time_s"], 0  # a pipeline plan: priced per layer by ``estimate``, no per-op list
     mesh_shape = tuple(d["mesh"]["shape"])
     b = d["training"]["micro_batch"]
     step = d["predicted"]["step_time_s"]
@@ -133,7 +146,7 @@ def worker() -> None:
     from autoplan.models import resolve_model
     from autoplan.plan import Plan
     from autoplan.profiler.ops import profile_ops
-    from autoplan.runtime import apply
+    from autoplan.runtime.engine import apply
     from autoplan.runtime.train import measure_steps
 
     plans = {n: Plan.load(workdir / f"{n}.plan.json") for n, _, _ in PLANS if (workdir / f"{n}.plan.json").is_file()}
@@ -146,7 +159,7 @@ def worker() -> None:
             return (*spec.example_inputs(bb, args.seq), spec.example_targets(bb, args.seq))
 
     graph = build_graph(capture(meta_model, inputs_fn))
-    meshes = sorted({tuple(p.data["mesh"]["shape"]) for p in plans.values()})
+    meshes = sorted({tuple(p.data["mesh"]["shape"]) for p in plans.values() if p.ops})
     t0 = time.perf_counter()
     # micro-batches are pinned to 1: the micro-batch is the global batch, sharded by each strategy
     times = profile_ops(graph, meshes, args.batch, "fp32", workdir / f"ops-rank{rank}.json", threads=1)
@@ -154,11 +167,13 @@ def worker() -> None:
     dist.barrier()
 
     measured: dict[str, float] = {}
+    engines: dict[str, str] = {}
     failed: dict[str, str] = {}
     for name, plan in plans.items():
         try:
             torch.manual_seed(0)
             pm = apply(spec.build(), plan, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+            engines[name] = "per-op" if hasattr(pm, "program") else "recipe"
             ts = measure_steps(pm, lambda i: _data(i, args.batch, args.seq), args.steps, args.warmup)
             t = torch.tensor(_median(ts))
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -174,15 +189,16 @@ def worker() -> None:
                 continue
             pred = plan.data["predicted"]["step_time_s"]
             pred_op, used = _op_prediction(plan, graph, times)
-            rows.append({"plan": name, "mesh": plan.data["mesh"], "measured_s": measured[name], "predicted_s": pred,
+            rows.append({"plan": name, "mesh": plan.data["mesh"], "engine": engines[name], "measured_s": measured[name],
+                         "predicted_s": pred,
                          "predicted_with_op_profile_s": pred_op, "ops_from_profile": used})
         print(f"model {args.model}, global batch {args.batch} x {args.seq}, {world} CPU ranks (gloo, 1 thread each), "
               f"cluster {args.cluster}; median of {args.steps} steps after {args.warmup} warm-up. NOISY: 2 shared cores.")
         print(f"op-level profile: {len(times)} keys, {times.stats}, {op_s:.1f} s")
-        print(f"{'plan':<9} {'mesh':<12} {'measured':>10} {'predicted':>10} {'+op prof':>10}")
+        print(f"{'plan':<9} {'mesh':<14} {'engine':<7} {'measured':>10} {'predicted':>10} {'+op prof':>10}")
         for r in rows:
             mesh = "x".join(f"{a}{s}" for a, s in zip(r["mesh"]["axis_names"], r["mesh"]["shape"]))
-            print(f"{r['plan']:<9} {mesh:<12} {r['measured_s'] * 1e3:8.0f}ms {r['predicted_s'] * 1e3:8.0f}ms "
+            print(f"{r['plan']:<9} {mesh:<14} {r['engine']:<7} {r['measured_s'] * 1e3:8.0f}ms {r['predicted_s'] * 1e3:8.0f}ms "
                   f"{r['predicted_with_op_profile_s'] * 1e3:8.0f}ms")
         summary = {}
         m = [r["measured_s"] for r in rows]
@@ -205,7 +221,6 @@ def worker() -> None:
                 print(f"{n}: not planned: {err.read_text()[:200]}")
         for n, why in failed.items():
             print(f"{n}: not run by the runtime: {why}")
-        print("pp: not run (autoplan.runtime applies SPMD plans; pipeline stages are not supported)")
         if args.json:
             Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
     dist.destroy_process_group()

@@ -47,7 +47,7 @@ def test_megatron_split_of_the_zoo_blocks_is_column_then_row():
 
 
 def test_a_winning_pipeline_configuration_becomes_the_plan_and_runs_as_a_recipe(tmp_path):
-    plan = autoplan.plan("gpt:layers=4,hidden=512,heads=8,vocab=4096,seq=512", cluster="dgx-a100-80gb", devices=16,
+    plan = autoplan.plan("gpt:layers=8,hidden=512,heads=8,vocab=4096,seq=512", cluster="dgx-a100-80gb", devices=16,
                          global_batch=32, seq_len=512, baselines=False, pipeline=True)
     pipe = plan.data["pipeline_alternative"]
     assert pipe["found"] and pipe["faster_than_plan"] and pipe["predicted"]["fits"]

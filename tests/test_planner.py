@@ -55,7 +55,8 @@ def test_small_model_with_ample_memory_gets_data_parallel():
 
 def test_memory_cut_below_the_replicated_footprint_gives_a_sharded_plan_that_fits():
     free = autoplan.plan("gpt2", cluster="dgx-h100", devices=8, global_batch=64, seq_len=1024, baselines=False)
-    replicated_params = free.predicted.param_memory_bytes
+    ddp = autoplan.plan("gpt2", cluster="dgx-h100", devices=8, global_batch=64, seq_len=1024, baselines=False, force="ddp")
+    replicated_params = ddp.predicted.param_memory_bytes
     budget = 0.6 * replicated_params
     plan = autoplan.plan("gpt2", cluster="dgx-h100", devices=8, global_batch=64, seq_len=1024, baselines=False,
                          memory_bytes=budget)

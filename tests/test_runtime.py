@@ -53,18 +53,69 @@ def test_apply_needs_a_process_group():
         apply(build(), tiny_plan(4, force="ddp"))
 
 
-@pytest.mark.parametrize("force,mesh", [("fsdp", None), ("megatron", "dp=16,tp=4"), ("ddp", None)])
-def test_collectives_as_priced_on_64_fake_ranks(fake_world, force, mesh):
-    plan = tiny_plan(WORLD, force=force, mesh=mesh)
-    pm = apply(build(), plan)
-    x, y = torch.randint(0, 256, (64, 32)), torch.randint(0, 256, (64, 32))
-    c = check_step(pm, x, y)
-    assert not c["explained"]["unexplained"], c["explained"]["unexplained"]
-    assert not pm.unplanned
-    assert 0 < c["issued_bytes"] <= c["planned_bytes"]
+def assert_as_priced(c: dict) -> None:
+    """The step issued exactly the plan's collectives: edge by edge (phase, kind, axis, bytes, src,
+    dst, count per step) and summed per layer; a bucketed gradient all-reduce is compared as the
+    per-parameter all-reduces it merges (same bytes, one collective)."""
+    diff = {"missing": c["missing"], "extra": c["extra"], "per layer [count, bytes] planned, issued": c["layer_diff"]}
+    assert not c["missing"] and not c["extra"], diff
+    assert not c["layer_diff"] and c["by_layer"]["issued"] == c["by_layer"]["planned"], diff
+    assert c["issued_unbucketed"] == c["planned"] and c["issued_bytes"] == c["planned_bytes"], diff
+    assert all(b["bytes"] == b["members_bytes"] for b in c["buckets"]), c["buckets"]
+    assert c["issued"] == c["planned"] - sum(len(b["params"]) - 1 for b in c["buckets"])
     assert sum(c["comm_debug_mode"].values()) == c["issued"]  # CommDebugMode sees the same collectives
+    assert c["exact"]
+
+
+@pytest.mark.parametrize("model", ["gpt-tiny", "llama-tiny"])
+@pytest.mark.parametrize("force,mesh,micro", [("fsdp", None, None), ("megatron", "dp=16,tp=4", None), ("ddp", None, None),
+                                              ("fsdp", None, 2), ("megatron", "dp=16,tp=4", 2)])
+def test_collectives_as_priced_on_64_fake_ranks(fake_world, model, force, mesh, micro):
+    batch = 64 * (micro or 1)
+    plan = autoplan.plan(model, cluster="cpu", devices=WORLD, global_batch=batch, seq_len=32, baselines=False,
+                         dtype="fp32", force=force, mesh=mesh, micro_batches=[micro] if micro else None)
+    assert plan.data["training"]["micro_batches"] == (micro or 1)
+    pm = apply(build(model), plan)
+    x, y = torch.randint(0, 256, (batch, 32)), torch.randint(0, 256, (batch, 32))
+    c = check_step(pm, x, y)  # one gradient all-reduce per parameter, as the plan lists them
+    assert_as_priced(c)
+    assert not pm.unplanned
+    assert c["issued_bytes"] > 0 and c["buckets"] == [] and c["issued"] == c["planned"]
     planned_kinds = {(k["phase"], k["kind"], k["axis"]) for k in plan.data["collectives"]}
     assert {tuple(k.split(":")) for k in c["by_kind"]} <= planned_kinds
+    for p in pm.params.values():
+        p.grad = None
+    b = check_step(pm, x, y, bucket=True)  # as train_step runs it: DDP-style gradient buckets
+    assert_as_priced(b)
+    if force == "ddp":
+        assert b["buckets"] and b["issued"] < c["issued"]
+
+
+def test_compare_reports_every_difference():
+    from types import SimpleNamespace
+
+    from autoplan.runtime.comms import compare
+
+    def coll(src, dst, nbytes, kind="all_reduce", per_step=1):
+        return {"phase": "backward", "kind": kind, "axis": "dp", "bytes": nbytes, "src": src, "dst": dst, "per_step": per_step}
+
+    plan = SimpleNamespace(data={"collectives": [coll("w1", "mm1", 64), coll("w2", "mm2", 32), coll("x", "mm2", 16, "all_gather", 2)]})
+    layer = {"w1": "blocks.0", "mm1": "blocks.0", "w2": "blocks.1", "mm2": "blocks.1", "x": "blocks.1"}
+    layer_of = lambda src, dst: layer[src] if src.startswith("w") else layer[dst]  # noqa: E731
+    bucket = {**coll("bucket", "*", 96), "members": [["w1", "mm1", 64], ["w2", "*", 32]]}
+    same = compare(plan, [bucket, coll("x", "mm2", 16, "all_gather"), coll("x", "mm2", 16, "all_gather")], layer_of)
+    assert same["missing"] == same["extra"] == same["layer_diff"] == []
+    assert (same["issued"], same["issued_unbucketed"], same["planned"]) == (3, 4, 4)
+    assert same["buckets"] == [{"axis": "dp", "bytes": 96, "params": ["w1", "w2"], "members_bytes": 96}]
+    # a gather issued once instead of twice per step, a gradient with fewer bytes: both reported, per layer too
+    off = compare(plan, [coll("w1", "mm1", 64), coll("w2", "mm2", 16), coll("x", "mm2", 16, "all_gather")], layer_of)
+    assert off["missing"] == [["backward", "all_gather", "dp", 16, "x", "mm2", 1], ["backward", "all_reduce", "dp", 32, "w2", "mm2", 1]]
+    assert off["extra"] == [["backward", "all_reduce", "dp", 16, "w2", "mm2", 1]]
+    assert off["layer_diff"] == [["blocks.1 backward:all_gather:dp", [2, 32], [1, 16]],
+                                 ["blocks.1 backward:all_reduce:dp", [1, 32], [1, 16]]]
+    # a bucket bigger than the parameters it says it carries
+    big = compare(plan, [{**bucket, "bytes": 100}, coll("x", "mm2", 16, "all_gather"), coll("x", "mm2", 16, "all_gather")])
+    assert big["missing"] == [] and big["extra"] == [["backward", "all_reduce", "dp", 4, "bucket", "*", 1]]
 
 
 def test_refuses_another_world_size(fake_world):
@@ -92,6 +143,55 @@ def test_local_moves_to_partial(fake_world):
     padded = move(shard, to_dtensor_placements(["P"]))  # S -> P: the shard zero-padded
     assert padded.to_local().shape == full.shape and torch.equal(padded.to_local()[:2], full[:2])
     assert float(padded.to_local()[2:].abs().sum()) == 0.0
+
+
+def _nested(src: tuple[str, ...], dst: tuple[str, ...]) -> bool:
+    """Moves the cost model orders differently from what the runtime can issue: a dim split by two
+    mesh axes on the way (``transition`` chunks first and prices gathers as if the order of nested
+    splits were free), or a shard turned Partial (priced before the other axes' collectives, which
+    then move the whole tensor; the runtime pads last and moves the shard)."""
+    dims = [p for p in src + dst if p.startswith("S")]
+    return any(dims.count(d) > 1 and sum(d in (a, b) for a, b in zip(src, dst)) > 1 for d in set(dims)) \
+        or any(a.startswith("S") and b == "P" for a, b in zip(src, dst))
+
+
+@pytest.mark.parametrize("shape", [(8,), (8, 8)])
+def test_moves_issue_the_priced_collectives(fake_world, shape):
+    """Every placement move the planner can price (1-D and 2-D meshes, a 2-D tensor) issues exactly
+    the collectives ``transition`` lists, per axis and bytes: chunks before collectives, all-to-all
+    for S(c) -> S(d) (not DTensor's CPU all-gather + chunk), in the cost model's axis order."""
+    import itertools
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    from autoplan.cost.comm import transition
+    from autoplan.runtime.comms import CollectiveRecorder
+    from autoplan.runtime.moves import Trace, normalize
+    from autoplan.strategies.placement import parse_placement
+
+    names = ("dp", "tp")[: len(shape)]
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+    tensor = (64, 128)
+    checked, wrong = 0, []
+    for src in itertools.product(["R", "S(0)", "S(1)"], repeat=len(shape)):
+        for dst in itertools.product(["R", "S(0)", "S(1)", "P"], repeat=len(shape)):
+            if src == dst or _nested(src, dst):
+                continue
+            x = distribute_tensor(torch.randn(tensor), mesh, list(to_dtensor_placements(src)))
+            trace = Trace()
+            rec = CollectiveRecorder(mesh, trace)
+            with rec, trace.scope("forward", "a", "b"):
+                out = move(x, to_dtensor_placements(dst))
+            assert normalize(out.placements, out.ndim) == to_dtensor_placements(dst), (src, dst)
+            got = sorted((r["kind"], r["axis"], r["bytes"]) for r in rec.records)
+            priced = transition(tensor, 4, tuple(map(parse_placement, src)), tuple(map(parse_placement, dst)), shape)
+            want = sorted((c.kind, names[c.axis], int(c.nbytes)) for c in priced)
+            checked += 1
+            if got != want:
+                wrong.append((src, dst, "issued", got, "priced", want))
+    assert not wrong, wrong
+    assert checked == (7 if len(shape) == 1 else 47)  # of 9 and 135 moves
 
 
 # ------------------------------------------------------------------------------ data

@@ -34,9 +34,20 @@ def latency_steps(kind: str, n: int) -> int:
     return min(ring, max(tree, 1))
 
 
-def collective_seconds(kind: str, nbytes: float, n: int, link: Link) -> float:
+BUCKET_BYTES = 25 * 2**20  # DDP's default gradient bucket; FSDP groups a block's parameters alike
+
+
+def collective_seconds(kind: str, nbytes: float, n: int, link: Link, bucket: float | None = None) -> float:
+    """Seconds of one collective of ``nbytes`` per device over ``n`` devices on ``link``.
+
+    ``bucket``: the collective is one piece of a bucket of that size (gradient and parameter
+    collectives are bucketed by DDP and grouped per block by FSDP): it pays its share of the
+    bucket's time, so the latency is paid once per bucket, not once per parameter.
+    """
     if n <= 1 or nbytes <= 0:
         return 0.0
+    if bucket is not None and nbytes < bucket:
+        return collective_seconds(kind, bucket, n, link) * nbytes / bucket
     if link.measured is not None:  # measured: (issue #5) interpolated curve from `autoplan profile`, if it has this kind
         t = link.measured.seconds(kind, nbytes, n)
         if t is not None:
@@ -90,8 +101,9 @@ def transition(
     return tuple(out)
 
 
-def seconds(colls: tuple[Collective, ...], mesh_shape: tuple[int, ...], links: tuple[Link, ...]) -> float:
-    return sum(collective_seconds(c.kind, c.nbytes, mesh_shape[c.axis], links[c.axis]) for c in colls)
+def seconds(colls: tuple[Collective, ...], mesh_shape: tuple[int, ...], links: tuple[Link, ...],
+            bucket: float | None = None) -> float:
+    return sum(collective_seconds(c.kind, c.nbytes, mesh_shape[c.axis], links[c.axis], bucket) for c in colls)
 
 
 def dual(placements: Placements) -> Placements:

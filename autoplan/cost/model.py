@@ -27,7 +27,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from autoplan.cost.comm import Collective, dual, seconds, transition
+from autoplan.cost.comm import BUCKET_BYTES, Collective, dual, seconds, transition
 from autoplan.graph import ALIAS_KINDS, OpGraph, OpNode, forward_flops, needs_value_in_backward
 from autoplan.hardware import Cluster
 from autoplan.mesh import Mesh
@@ -348,11 +348,13 @@ def price(graph: OpGraph, tying: Tying, mesh: Mesh, cluster: Cluster, cfg: StepC
 
 
 @lru_cache(maxsize=1 << 18)
-def _move_seconds(shape, eb, src, dst, mesh_shape, links) -> tuple[float, float]:
-    """(seconds of all collectives, seconds of the all-reduces among them) to move src -> dst."""
+def _move_seconds(shape, eb, src, dst, mesh_shape, links, bucket=None) -> tuple[float, float]:
+    """(seconds of all collectives, seconds of the all-reduces among them) to move src -> dst.
+
+    ``bucket``: parameters' gathers and gradients' reductions are bucketed (``comm.BUCKET_BYTES``)."""
     colls = transition(shape, eb, src, dst, mesh_shape)
-    total = seconds(colls, mesh_shape, links)
-    reduce = seconds(tuple(c for c in colls if c.kind == "all_reduce"), mesh_shape, links)
+    total = seconds(colls, mesh_shape, links, bucket)
+    reduce = seconds(tuple(c for c in colls if c.kind == "all_reduce"), mesh_shape, links, bucket)
     return total, reduce
 
 
@@ -381,11 +383,12 @@ def _edge_terms(u: OpNode, pos: int, su, sv, mesh: Mesh, links, dtype: str, exac
     need_ids = [ids.setdefault(n, len(ids)) for n, _ in needs]
     grad_ids = [ids.setdefault(g, len(ids)) for _, g in needs]
     by_id = {i: p for p, i in ids.items()}
+    bucket = BUCKET_BYTES if u.kind == "param" else None
 
     def move(shape, src: int, dst: int) -> tuple[float, float]:
-        key = (shape, eb, src, dst)
+        key = (shape, eb, src, dst, bucket)
         if key not in moves:
-            moves[key] = _move_seconds(shape, eb, by_id[src], by_id[dst], mesh.shape, links)
+            moves[key] = _move_seconds(shape, eb, by_id[src], by_id[dst], mesh.shape, links, bucket)
         return moves[key]
 
     def matrices(b: int) -> np.ndarray:

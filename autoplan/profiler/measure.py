@@ -156,6 +156,7 @@ class _Worker:
         gsizes = self.group_sizes() if self.world > 1 else []
         self.total = sum(len(v) for v in shapes.values()) + len(copies) + len(gsizes) * len(KINDS) * len(csizes)
         self.total += len(csizes) if self.world > 1 else 0
+        self.total += 1  # DTensor dispatch
         out: dict[str, Any] = {
             "meta": {
                 "world": self.world, "backend": self.backend, "device": self._device_name(),
@@ -191,7 +192,30 @@ class _Worker:
             out["collectives"][str(g)] = res
         if self.world > 1:
             out["collectives"].setdefault("2", {})["send_recv"] = self._send_recv(csizes)
+        self.progress("DTensor dispatch per op")
+        out["dispatch"] = self._dispatch()
         return out
+
+    def _dispatch(self, ops: int = 50) -> dict[str, float]:
+        """Seconds per op of a chain of tiny elementwise ops (forward + backward), as plain tensors and
+        as DTensors sharded over all ranks: the per-op runtime pays the difference for every op."""
+        torch = self.torch
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        local = torch.randn(4, 8, device=self.device, requires_grad=True)
+        dt = distribute_tensor(torch.randn(4 * self.world, 8, device=self.device), mesh, [Shard(0)]).requires_grad_()
+
+        def chain(x):
+            y = x
+            for _ in range(ops):
+                y = y * 1.0001
+            y.sum().backward()
+
+        plain = self.timed(lambda: chain(local), combine="median") / ops
+        dtensor = self.timed(lambda: chain(dt), combine="median") / ops
+        return {"plain_op_s": plain, "dtensor_op_s": dtensor}
 
     def _collective(self, kind: str, g: int, group, sizes: list[int]) -> Any:
         torch, dist = self.torch, self.dist
@@ -406,6 +430,7 @@ def build_profile(raw: dict[str, Any], name: str, date: str | None = None) -> di
             "memory_bandwidth_bytes_per_s": mem_bw,
             "matmul_efficiency": {"value": 1.0, "source": "measured peak is already the achieved rate"},
             "memory_efficiency": {"value": 1.0, "source": "measured bandwidth is already the achieved rate"},
+            **_dispatch_fields(raw, f"{ms} {tag}"),
         },
         "links": {
             "intra_node": {"bandwidth_bytes_per_s": bw, "latency_s": lat, "efficiency": eff},
@@ -441,6 +466,17 @@ def build_profile(raw: dict[str, Any], name: str, date: str | None = None) -> di
     if not link_tree:
         del tree["measured"]["links"]
     return tree
+
+
+def _dispatch_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """``dtensor_dispatch_s``: what one op costs the per-op runtime beyond the op itself (forward + backward)."""
+    d = raw.get("dispatch")
+    if not d:
+        return {}
+    extra = max(0.0, d["dtensor_op_s"] - d["plain_op_s"])
+    return {"dtensor_dispatch_s": {"value": _r(extra), "source": (
+        f"{where}: a chain of tiny elementwise ops, forward + backward, as DTensors minus as plain tensors "
+        f"({d['dtensor_op_s'] * 1e6:.0f} vs {d['plain_op_s'] * 1e6:.0f} us per op)")}}
 
 
 class _FlowList(list):

@@ -620,9 +620,7 @@ class ParallelModel:
             if self.bucket_grads and all(have[a].is_partial() and isinstance(want[a], DReplicate) for a in axes):
                 buckets.setdefault((axes, p.grad.dtype), []).append((qual, p))
                 continue
-            node = self._param_node(qual)
-            cons = self.program.consumers.get(node, [])
-            with self.trace.scope("backward", node, cons[0] if len(cons) == 1 else "*"):
+            with self.trace.scope("backward", *self._grad_edge(qual)):
                 p.grad = p.grad.redistribute(p.device_mesh, list(want))
         for (axes, _), members in buckets.items():
             self._all_reduce_bucket(axes, members)
@@ -632,7 +630,9 @@ class ParallelModel:
 
         locals_ = [p.grad.to_local().reshape(-1) for _, p in members]
         flat = torch.cat(locals_)
-        with self.trace.scope("backward", "bucket", "*"):
+        # the per-parameter all-reduces (as the plan lists them) this bucket merges, for the recorder
+        labels = tuple((*self._grad_edge(qual), loc.numel() * loc.element_size()) for (qual, _), loc in zip(members, locals_))
+        with self.trace.scope("backward", "bucket", "*", members=labels):
             for axis in axes:
                 dist.all_reduce(flat, group=self.mesh.get_group(axis))
         offset = 0
@@ -644,9 +644,18 @@ class ParallelModel:
 
     def _param_node(self, qual: str) -> str:
         """The graph node of a parameter (by identity: tied names share one node)."""
-        by_id = {id(self.params[q]): node for node, q in self.program.param_of.items()
-                 if q in self.params and node in self.program.graph.nodes}
+        by_id = self.__dict__.get("_node_by_id")
+        if by_id is None:
+            by_id = self._node_by_id = {id(self.params[q]): node for node, q in self.program.param_of.items()
+                                        if q in self.params and node in self.program.graph.nodes}
         return by_id.get(id(self.params[qual]), qual)
+
+    def _grad_edge(self, qual: str) -> tuple[str, str]:
+        """(parameter node, consumer node) the plan lists a parameter's deferred gradient all-reduce
+        under: its one consumer, or "*" (any of its edges) when several ops read it."""
+        node = self._param_node(qual)
+        cons = self.program.consumers.get(node, [])
+        return node, cons[0] if len(cons) == 1 else "*"
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """One step on the same GLOBAL batch on every rank; returns the global mean loss."""

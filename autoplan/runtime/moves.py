@@ -1,6 +1,7 @@
 """Moving DTensors between the plan's placements, and the ops the runtime runs on local shards.
 
-``move`` performs one planned transition (DTensor's ``redistribute`` plus the local R|S -> P
+``move`` performs one planned transition, one mesh axis at a time in the cost model's order
+(DTensor's ``redistribute`` per axis, an all-to-all DTensor lacks on CPU, and the local R|S -> P
 that DTensor refuses); ``_Reshard`` is its autograd node (forward: the planned move; backward:
 the gradient's way back). ``Trace`` labels the collectives issued with the edge they serve.
 """
@@ -66,20 +67,26 @@ def grad_dual(placements: DPlacements) -> DPlacements:
 
 @dataclass
 class Trace:
-    """Labels the collectives issued by the runtime: (phase, src node, dst node) of the current move."""
+    """Labels the collectives issued by the runtime: (phase, src node, dst node) of the current move.
+
+    ``members``: a bucketed gradient all-reduce's parameters, as (parameter node, consumer node
+    or "*", bytes) each: the per-parameter all-reduces the plan lists, merged into this one.
+    """
 
     label: tuple[str, str, str] | None = None
     records: list[dict[str, Any]] = field(default_factory=list)
     enabled: bool = False
+    members: tuple[tuple[str, str, int], ...] | None = None
 
     @contextlib.contextmanager
-    def scope(self, phase: str, src: str, dst: str) -> Iterator[None]:
-        old = self.label
-        self.label = (phase, src, dst)
+    def scope(self, phase: str, src: str, dst: str,
+              members: tuple[tuple[str, str, int], ...] | None = None) -> Iterator[None]:
+        old, old_members = self.label, self.members
+        self.label, self.members = (phase, src, dst), members
         try:
             yield
         finally:
-            self.label = old
+            self.label, self.members = old, old_members
 
 
 # ------------------------------------------------------------------------------ moving a DTensor
@@ -109,32 +116,63 @@ def _pad_to_partial(x: DTensor, axis: int) -> DTensor:
     return DTensor.from_local(local, mesh, placements, run_check=False, shape=x.shape, stride=x.stride())
 
 
-def _free_splits_first(cur: DPlacements, dst: DPlacements) -> DPlacements:
-    """With a reduction (P -> R|S) due on some axis, first take the local chunks (R -> S) due on the
-    others: the reduction then moves a shard, as the cost model prices it (DTensor would reduce first)."""
-    if not any(c.is_partial() and not d.is_partial() for c, d in zip(cur, dst)):
-        return cur
-    out = list(cur)
-    for axis, (c, d) in enumerate(zip(cur, dst)):
-        if isinstance(c, DReplicate) and isinstance(d, DShard):
-            others = [p for a, p in enumerate(list(cur) + list(dst)) if a % len(cur) != axis]
-            if not any(isinstance(p, DShard) and p.dim == d.dim for p in others):  # dim split once: order is free
-                out[axis] = d
-    return tuple(out)
+# the order the cost model (``autoplan.cost.comm.transition``) moves mesh axes in: local chunks
+# first (later collectives then move less), reductions before all-to-alls before gathers
+_ORDER = {None: 0, "reduce_scatter": 1, "all_reduce": 2, "all_to_all": 3, "all_gather": 4}
+
+
+def _axis_kind(src: DPlacement, dst: DPlacement) -> str | None:
+    """The collective one mesh axis needs for src -> dst (None: nothing, or local)."""
+    if src == dst or dst.is_partial() or isinstance(src, DReplicate):
+        return None
+    if src.is_partial():
+        return "all_reduce" if isinstance(dst, DReplicate) else "reduce_scatter"
+    return "all_gather" if isinstance(dst, DReplicate) else "all_to_all"
+
+
+def _all_to_all(x: DTensor, axis: int, dst: DShard) -> DTensor | None:
+    """S(c) -> S(d) on one mesh axis with one all-to-all (DTensor falls back to all-gather + chunk on
+    CPU process groups). None (DTensor's way) when an inner axis also splits dim c or d (the pieces
+    would not be contiguous) or the shards are uneven."""
+    import torch.distributed._functional_collectives as funcol
+
+    mesh = x.device_mesh
+    c, d, n = x.placements[axis].dim % x.ndim, dst.dim, mesh.size(axis)
+    split = {c: 1, d: 1}  # how many pieces dims c and d are cut into, before and after
+    for a, p in enumerate(x.placements):
+        if isinstance(p, DShard) and p.dim % x.ndim in (c, d):
+            if a > axis:
+                return None
+            split[p.dim % x.ndim] *= mesh.size(a)
+    split[d] *= n
+    if x.shape[c] % split[c] or x.shape[d] % split[d]:
+        return None
+    local = x.to_local()
+    parts = [p.contiguous() for p in local.chunk(n, dim=d)]
+    send = torch.cat([p.reshape(-1) for p in parts])
+    recv = funcol.wait_tensor(funcol.all_to_all_single(send, None, None, group=(mesh, axis)))
+    out = torch.cat([r.view(parts[0].shape) for r in recv.chunk(n)], dim=c)
+    placements = list(x.placements)
+    placements[axis] = dst
+    return DTensor.from_local(out, mesh, placements, run_check=False, shape=x.shape, stride=x.stride())
 
 
 def move(x: DTensor, dst: DPlacements) -> DTensor:
-    """The planned transition src -> dst: DTensor's redistribute, plus local R|S -> P."""
+    """The planned transition src -> dst, one mesh axis at a time in the cost model's order (DTensor's
+    own order can gather first and chunk after: more bytes than priced), then the local R|S -> P."""
     cur = normalize(x.placements, x.ndim)
     if cur == dst:
         return x
-    free = _free_splits_first(cur, dst)
-    if free != cur:
-        x = x.redistribute(x.device_mesh, free)
-        cur = free
-    first = tuple(c if d.is_partial() else d for c, d in zip(cur, dst))
-    if first != cur:
-        x = x.redistribute(x.device_mesh, first)
+    order = sorted(range(len(dst)), key=lambda a: (_ORDER[_axis_kind(cur[a], dst[a])], a))
+    state = list(cur)
+    for axis in order:
+        d = dst[axis]
+        if state[axis] == d or d.is_partial():
+            continue
+        kind = _axis_kind(state[axis], d)
+        state[axis] = d
+        moved = _all_to_all(x, axis, d) if kind == "all_to_all" else None
+        x = moved if moved is not None else x.redistribute(x.device_mesh, tuple(state))
     for axis, d in enumerate(dst):
         if d.is_partial() and not x.placements[axis].is_partial():
             x = _pad_to_partial(x, axis)

@@ -21,6 +21,9 @@ gradients are summed over that pair of ranks (Megatron's embedding group), so th
 bf16 computes in bf16 with fp32 master weights and fp32 gradient reduction (FSDP2
 ``MixedPrecisionPolicy`` for zero >= 2, ``torch.autocast`` otherwise).
 
+Checkpoints (``autoplan.runtime.checkpoint``) store the model's own names and layout (GPT's qkv
+rows un-permuted), so they load into any other recipe, per-op plan or world size.
+
 The model is changed in place: the modules of other pipeline ranks move to the meta device.
 Under tp the embedding and lm_head are vocab-parallel and the loss runs under ``loss_parallel``.
 Limits of this version: every rank first builds the whole model (no meta-device construction); dropout must be 0

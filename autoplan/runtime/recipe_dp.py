@@ -95,6 +95,23 @@ class ShardedOptimizer:
                     dist.broadcast(flat, group=self.group, group_src=owner)
                     _unflatten_into(flat, bucket)
 
+    @property
+    def owned(self) -> list[nn.Parameter]:
+        """The parameters whose optimizer state this dp rank holds (and steps)."""
+        rank = dist.get_rank(self.group)
+        return [p for p, o in zip(self.params, self.owner) if o == rank]
+
+    def state_dict(self) -> dict:
+        """This rank's share, in ``torch.optim`` form (indices into :attr:`owned`). Checkpoints key the
+        states by parameter name instead: ``autoplan.runtime.checkpoint`` saves each state from the
+        rank that owns it and loads it into whichever rank owns it in the new layout."""
+        return self.inner.state_dict() if self.inner is not None else {"state": {}, "param_groups": []}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The inverse of :meth:`state_dict` for the same layout (same dp size and parameters)."""
+        if self.inner is not None:
+            self.inner.load_state_dict(state)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
             p.grad = None

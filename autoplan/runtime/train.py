@@ -18,7 +18,8 @@ import torch.nn as nn
 
 from autoplan.errors import AutoplanError
 from autoplan.plan import Plan
-from autoplan.runtime.apply import OptimizerFactory, ParallelModel, apply, meta_clone
+from autoplan.runtime.apply import OptimizerFactory, ParallelModel, meta_clone
+from autoplan.runtime.engine import apply
 from autoplan.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -130,8 +131,8 @@ def plan_and_train(
     """Plan (or load ``plan``), apply, train ``steps`` steps and checkpoint; returns this call's losses.
 
     Call it on every rank of an initialised process group (e.g. from your own torchrun script).
-    With ``checkpoint_dir`` it resumes from the newest complete checkpoint there (any plan or
-    world size: DCP reshards on load) and saves every ``checkpoint_every`` steps and at the end.
+    With ``checkpoint_dir`` it resumes from the newest complete checkpoint there (any plan, engine
+    (per-op or recipe) or world size: DCP reshards on load) and saves every ``checkpoint_every`` steps and at the end.
     """
     log = log or (lambda line: print(line, flush=True) if _rank0() else None)
     example = data(0)
@@ -141,6 +142,8 @@ def plan_and_train(
     if checkpoint_dir is not None and resume and latest_checkpoint(checkpoint_dir) is not None:
         start = load_checkpoint(pm, checkpoint_dir)
         log(f"resumed from step {start} ({latest_checkpoint(checkpoint_dir)})")
+        if start >= steps:
+            log(f"nothing to train: the checkpoint is at step {start} and --steps is {steps}; pass more steps to go on")
     losses = train_loop(pm, data, start, steps, checkpoint_dir, checkpoint_every, log)
     return losses
 

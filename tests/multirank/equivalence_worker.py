@@ -2,9 +2,11 @@
 
 usage: python -m torch.distributed.run --standalone --nproc-per-node 4 equivalence_worker.py OUT.json CASES
 CASES: comma-separated model:family[:mesh[:micro_batches]] (family ddp|fsdp|megatron|auto; mesh like
-dp=2+tp=2). Models: zoo names, or hf-gpt2 / hf-llama (transformers).
+dp=2+tp=2), or "moves" (every placement move on a 2x2 mesh keeps the value). Models: zoo names, or
+hf-gpt2 / hf-llama (transformers).
 Rank 0 writes a JSON report: per case, gradient / loss / parameter relative errors and the
-collectives comparison.
+collectives comparison (step 1 with one gradient all-reduce per parameter, step 2 with the
+bucketed all-reduces ``train_step`` issues).
 """
 from __future__ import annotations
 
@@ -61,6 +63,36 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def run_moves() -> dict:
+    """Every placement move on a 2x2 mesh keeps the tensor's value (the runtime's own all-to-all and
+    axis order included): the full tensor after the move equals the one before, on every rank."""
+    import itertools
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    from autoplan.runtime.moves import move, normalize, to_dtensor_placements
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    full = torch.arange(8 * 12, dtype=torch.float32).reshape(8, 12)
+    wrong, checked = [], 0
+    for src in itertools.product(["R", "S(0)", "S(1)"], repeat=2):
+        for dst in itertools.product(["R", "S(0)", "S(1)", "P"], repeat=2):
+            if src == dst:
+                continue
+            x = distribute_tensor(full, mesh, list(to_dtensor_placements(src)))
+            try:
+                out = move(x, to_dtensor_placements(dst))
+            except Exception as exc:  # noqa: BLE001 - refused moves (S -> P under a nested split)
+                if "cannot turn" not in str(exc):
+                    wrong.append([list(src), list(dst), f"{type(exc).__name__}: {exc}"])
+                continue
+            checked += 1
+            if normalize(out.placements, out.ndim) != to_dtensor_placements(dst) or not torch.equal(out.full_tensor(), full):
+                wrong.append([list(src), list(dst)])
+    return {"case": "moves", "checked": checked, "wrong": wrong}
+
+
 def run_case(case: str, batches, seq: int) -> dict:
     import autoplan
     from autoplan.capture import loss_from_output
@@ -91,11 +123,12 @@ def run_case(case: str, batches, seq: int) -> dict:
            "micro_batches": plan.data["training"]["micro_batches"]}
     losses, ref_losses = [], []
     for step, (x, y) in enumerate(batches):
-        if step == 0:
-            checked = check_step(pm, x, y)
+        if step < 2:  # step 1: one all-reduce per parameter, as the plan lists them; step 2: bucketed, as trained
+            checked = check_step(pm, x, y, bucket=step == 1)
             loss_dt = checked.pop("loss")
-            out["collectives"] = checked
-            grads = pm.full_grads()
+            out["collectives" if step == 0 else "collectives_bucketed"] = checked
+            if step == 0:
+                grads = pm.full_grads()
             loss = float(loss_dt.full_tensor())
             pm.optimizer.step()
             pm.optimizer.zero_grad(set_to_none=True)
@@ -134,7 +167,7 @@ def main() -> None:
     report = []
     for case in cases:
         try:
-            report.append(run_case(case, batches, seq))
+            report.append(run_moves() if case == "moves" else run_case(case, batches, seq))
         except Exception as exc:  # noqa: BLE001 - reported per case
             report.append({"case": case, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]})
         dist.barrier()
