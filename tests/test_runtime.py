@@ -194,6 +194,20 @@ def test_moves_issue_the_priced_collectives(fake_world, shape):
     assert checked == (7 if len(shape) == 1 else 47)  # of 9 and 135 moves
 
 
+def test_an_all_to_all_move_of_a_strided_tensor_keeps_its_strides_true(fake_world):
+    """Attention's output is a transposed view; after S(1) -> S(2) by all-to-all its local shard is
+    contiguous, and the DTensor must say so: ``.contiguous()`` trusts the global strides, and a
+    strided local under contiguous global strides broke the ``view`` after it (a 2 x 2 plan)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",))
+    x = distribute_tensor(torch.randn(2, 128, 64, 8).transpose(1, 2), mesh, [Shard(1)])  # (B, T, nh, hd) memory
+    out = move(x, to_dtensor_placements(["S(2)"])).transpose(1, 2).contiguous()
+    assert out.to_local().is_contiguous()
+    assert out.view(2, 64, -1).to_local().shape == (2, 1, 128 * 8)
+
+
 # ------------------------------------------------------------------------------ data
 
 

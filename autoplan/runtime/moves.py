@@ -154,7 +154,17 @@ def _all_to_all(x: DTensor, axis: int, dst: DShard) -> DTensor | None:
     out = torch.cat([r.view(parts[0].shape) for r in recv.chunk(n)], dim=c)
     placements = list(x.placements)
     placements[axis] = dst
-    return DTensor.from_local(out, mesh, placements, run_check=False, shape=x.shape, stride=x.stride())
+    # ``out`` is contiguous: so is the global view (the source's strides may describe another layout,
+    # e.g. attention's output, and a later .contiguous() would trust them and keep a strided local)
+    return DTensor.from_local(out, mesh, placements, run_check=False, shape=x.shape, stride=_contiguous_strides(x.shape))
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for size in reversed(shape):
+        strides.append(acc)
+        acc *= max(int(size), 1)
+    return tuple(reversed(strides))
 
 
 def move(x: DTensor, dst: DPlacements) -> DTensor:
