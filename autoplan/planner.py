@@ -9,8 +9,8 @@ from typing import Any
 
 from autoplan import __version__
 from autoplan.baselines import allow_for, baselines
-from autoplan.cost.comm import BUCKET_BYTES, Collective, collective_seconds
-from autoplan.cost.model import BACKWARD_FACTOR, GENERIC_BATCH, edge_collectives
+from autoplan.cost.comm import Bucket, Collective, collective_seconds
+from autoplan.cost.model import BACKWARD_FACTOR, GENERIC_BATCH, edge_collectives, param_buckets
 from autoplan.errors import InfeasibleError
 from autoplan.execution import lower, pipeline_execution
 from autoplan.graph import OpGraph, forward_flops, needs_value_in_backward
@@ -129,11 +129,12 @@ def _ops_and_collectives(job: Job, ev: Evaluated) -> tuple[list, dict, dict, lis
     # communication per layer, from the collectives listed above (gradient sync goes with the parameter's layer)
     links = dict(zip(mesh.axis_names, mesh.links(job.cluster)))
     sizes = mesh.as_dict()
+    buckets = param_buckets(graph, job.tying, cfg.dtype)
     for c in colls:
         owner = c["src"] if graph.nodes[c["src"]].kind == "param" else c["dst"]
         node = graph.nodes[owner]
         layer = _layer(node.param.rsplit(".", 1)[0] if node.kind == "param" and node.param else node.module)
-        bucket = BUCKET_BYTES if graph.nodes[c["src"]].kind == "param" else None
+        bucket = buckets.get(job.tying.rep[c["src"]], Bucket()) if graph.nodes[c["src"]].kind == "param" else None
         t = collective_seconds(c["kind"], c["bytes"], sizes[c["axis"]], links[c["axis"]], bucket)
         per_layer[layer]["comm_s"] += t * c["per_step"]
     layers = [{"layer": k, **v} for k, v in per_layer.items()]

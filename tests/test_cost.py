@@ -117,3 +117,24 @@ def test_unknown_cluster_error_lists_the_profiles(tmp_path):
     with pytest.raises(UnknownClusterError, match="peak_flops_per_s"):
         load_cluster(str(bad))
     assert math.isfinite(load_cluster(str(PROFILES_DIR / "cpu.yaml")).device.memory_bytes)
+
+
+def test_parameter_collectives_pay_latency_once_per_bucket_or_fsdp_unit(gpt_tiny_graph):
+    from autoplan.cost.comm import BUCKET_BYTES, Bucket
+    from autoplan.cost.model import param_buckets
+    from autoplan.repeats import find_repeats
+
+    link = Link(bandwidth_bytes_per_s=1e9, latency_s=1e-3, efficiency=1.0)
+    b = Bucket(unit=4e6)
+    # a gradient all-reduce is a 1/25 share of a 25 MiB DDP bucket; a gather a quarter of its 4 MB FSDP unit
+    assert collective_seconds("all_reduce", BUCKET_BYTES / 25, 4, link, b) == pytest.approx(
+        collective_seconds("all_reduce", BUCKET_BYTES, 4, link) / 25)
+    assert collective_seconds("all_gather", 1e6, 4, link, b) == pytest.approx(collective_seconds("all_gather", 4e6, 4, link) / 4)
+    assert collective_seconds("all_gather", 8e6, 4, link, b) == collective_seconds("all_gather", 8e6, 4, link)  # larger than the unit
+    graph = gpt_tiny_graph
+    tying = find_repeats(graph)
+    units = param_buckets(graph, tying, "fp32")
+    block = {u.unit for n, u in units.items() if n in tying.in_block}
+    assert len(block) == 1  # every block parameter: the same unit, one block's parameters
+    per_block = sum(math.prod(graph.nodes[n].out.shape(1)) * 4 for n in units if n in tying.in_block)
+    assert block == {per_block}

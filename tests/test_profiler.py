@@ -48,12 +48,13 @@ def test_interpolation_is_log_linear_exact_at_points_and_affine_beyond():
     assert c.seconds(1e4) == pytest.approx(1e-3)
     c = Curve.from_points([1e3, 1e5], [1e6, 1e7])  # times 1 ms, 10 ms: log-log midpoint at 1e4 -> sqrt
     assert c.seconds(1e4) == pytest.approx(math.sqrt(1e-3 * 1e-2))
-    assert c.seconds(10.0) == pytest.approx(1e-3)  # below the smallest: the smallest's time
+    assert c.seconds(10.0) == pytest.approx(10.0 / 1e6)  # compute below the smallest: the smallest's rate
     # beyond the largest: the plateau rate, no fixed cost for a compute curve ...
     assert c.seconds(1e7) == pytest.approx(1e7 / 1e7)
     # ... plus the latency floor (the smallest measured time) for a collective, blended in up to 2x the largest size
     lat = Curve.from_points([1e3, 1e5], [1e6, 1e7], latency_floor=True)
     assert lat.floor_s == pytest.approx(1e-3)
+    assert lat.seconds(10.0) == pytest.approx(1e-3)  # a collective below the smallest: its latency
     assert lat.seconds(1e5) == pytest.approx(1e-2)  # continuous at the largest size
     assert lat.seconds(1.5e5) == pytest.approx(1.5e-2 + 0.5e-3)
     big = [lat.seconds(x) for x in (1e8, 2e8, 3e8)]

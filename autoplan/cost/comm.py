@@ -34,20 +34,34 @@ def latency_steps(kind: str, n: int) -> int:
     return min(ring, max(tree, 1))
 
 
-BUCKET_BYTES = 25 * 2**20  # DDP's default gradient bucket; FSDP groups a block's parameters alike
+BUCKET_BYTES = 25 * 2**20  # DDP's default gradient bucket
 
 
-def collective_seconds(kind: str, nbytes: float, n: int, link: Link, bucket: float | None = None) -> float:
+@dataclass(frozen=True)
+class Bucket:
+    """How a parameter's collectives are grouped: gradient all-reduces in DDP buckets of ``grads``
+    bytes; parameter all-gathers and gradient reduce-scatters per FSDP unit (the parameters of one
+    repeated block, or of everything outside the blocks), ``unit`` bytes."""
+
+    grads: float = BUCKET_BYTES
+    unit: float = BUCKET_BYTES
+
+    def size(self, kind: str) -> float:
+        return self.grads if kind == "all_reduce" else self.unit
+
+
+def collective_seconds(kind: str, nbytes: float, n: int, link: Link, bucket: Bucket | None = None) -> float:
     """Seconds of one collective of ``nbytes`` per device over ``n`` devices on ``link``.
 
-    ``bucket``: the collective is one piece of a bucket of that size (gradient and parameter
-    collectives are bucketed by DDP and grouped per block by FSDP): it pays its share of the
-    bucket's time, so the latency is paid once per bucket, not once per parameter.
+    ``bucket``: the collective is one piece of a bucket (gradient all-reduces are bucketed by DDP,
+    gathers and reduce-scatters grouped per block by FSDP): it pays its share of the bucket's
+    time, so the latency is paid once per bucket, not once per parameter.
     """
     if n <= 1 or nbytes <= 0:
         return 0.0
-    if bucket is not None and nbytes < bucket:
-        return collective_seconds(kind, bucket, n, link) * nbytes / bucket
+    size = bucket.size(kind) if bucket is not None else None
+    if size is not None and nbytes < size:
+        return collective_seconds(kind, size, n, link) * nbytes / size
     if link.measured is not None:  # measured: (issue #5) interpolated curve from `autoplan profile`, if it has this kind
         t = link.measured.seconds(kind, nbytes, n)
         if t is not None:
@@ -102,7 +116,7 @@ def transition(
 
 
 def seconds(colls: tuple[Collective, ...], mesh_shape: tuple[int, ...], links: tuple[Link, ...],
-            bucket: float | None = None) -> float:
+            bucket: Bucket | None = None) -> float:
     return sum(collective_seconds(c.kind, c.nbytes, mesh_shape[c.axis], links[c.axis], bucket) for c in colls)
 
 

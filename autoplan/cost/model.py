@@ -27,7 +27,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from autoplan.cost.comm import BUCKET_BYTES, Collective, dual, seconds, transition
+from autoplan.cost.comm import Bucket, Collective, dual, seconds, transition
 from autoplan.graph import ALIAS_KINDS, OpGraph, OpNode, forward_flops, needs_value_in_backward
 from autoplan.hardware import Cluster
 from autoplan.mesh import Mesh
@@ -285,14 +285,26 @@ def price_mesh(graph: OpGraph, tying: Tying, mesh: Mesh, cluster: Cluster, dtype
     for u, v, data in graph.dag.edges(data=True):
         weights[(tying.rep[u], tying.rep[v], data["index"])] += 1
     memo: dict = {}
+    buckets = param_buckets(graph, tying, dtype)
     for (ru, rv, pos), w in weights.items():
         u, v = graph.nodes[ru], graph.nodes[rv]
         su, sv = mp.strategies[index[ru]], mp.strategies[index[rv]]
-        fwd, bwd, red = _edge_terms(u, pos, su, sv, mesh, links, dtype, exact, memo)
+        fwd, bwd, red = _edge_terms(u, pos, su, sv, mesh, links, dtype, exact, memo, buckets.get(ru))
         consumers = graph.dag.out_degree(ru) if u.kind == "param" else 1
         mp.edges.append(EdgeTerms(index[ru], index[rv], pos, w, u.kind == "param", consumers,
                                   recompute_blocks and rv in tying.in_block, needs_value_in_backward(v, pos), fwd, bwd, red))
     return mp
+
+
+def param_buckets(graph: OpGraph, tying: Tying, dtype: str) -> dict[str, Bucket]:
+    """Each parameter's collective grouping: DDP's 25 MiB gradient buckets, and as FSDP unit the
+    parameters of one repeated block (for a parameter inside the blocks) or all the parameters
+    outside them (the root unit)."""
+    sizes = {n: math.prod(node.out.shape(1)) * elem_bytes(node, dtype)
+             for n, node in graph.nodes.items() if node.kind == "param" and tying.rep[n] == n}
+    block = sum(b for n, b in sizes.items() if n in tying.in_block)
+    root = sum(b for n, b in sizes.items() if n not in tying.in_block)
+    return {n: Bucket(unit=max(block if n in tying.in_block else root, 1.0)) for n in sizes}
 
 
 def _legal(constraints: list[tuple[tuple[int, int], ...]], batch: int) -> np.ndarray:
@@ -351,7 +363,7 @@ def price(graph: OpGraph, tying: Tying, mesh: Mesh, cluster: Cluster, cfg: StepC
 def _move_seconds(shape, eb, src, dst, mesh_shape, links, bucket=None) -> tuple[float, float]:
     """(seconds of all collectives, seconds of the all-reduces among them) to move src -> dst.
 
-    ``bucket``: parameters' gathers and gradients' reductions are bucketed (``comm.BUCKET_BYTES``)."""
+    ``bucket``: parameters' gathers and gradients' reductions are bucketed (``comm.Bucket``)."""
     colls = transition(shape, eb, src, dst, mesh_shape)
     total = seconds(colls, mesh_shape, links, bucket)
     reduce = seconds(tuple(c for c in colls if c.kind == "all_reduce"), mesh_shape, links, bucket)
@@ -365,7 +377,7 @@ def _unique(items: list) -> tuple[list, np.ndarray]:
 
 
 def _edge_terms(u: OpNode, pos: int, su, sv, mesh: Mesh, links, dtype: str, exact: bool = False,
-                memo: dict | None = None) -> tuple:
+                memo: dict | None = None, bucket: Bucket | None = None) -> tuple:
     """Forward resharding, backward gradient resharding and its all-reduce part, per strategy pair.
 
     ``memo`` (shared across a mesh's edges) maps placements to small ints and caches moves by
@@ -383,7 +395,7 @@ def _edge_terms(u: OpNode, pos: int, su, sv, mesh: Mesh, links, dtype: str, exac
     need_ids = [ids.setdefault(n, len(ids)) for n, _ in needs]
     grad_ids = [ids.setdefault(g, len(ids)) for _, g in needs]
     by_id = {i: p for p, i in ids.items()}
-    bucket = BUCKET_BYTES if u.kind == "param" else None
+    bucket = (bucket or Bucket()) if u.kind == "param" else None
 
     def move(shape, src: int, dst: int) -> tuple[float, float]:
         key = (shape, eb, src, dst, bucket)

@@ -13,7 +13,10 @@ Measurements are noisy, so a curve is smoothed before use:
    less time); this keeps the rates non-decreasing.
 
 Between measured sizes, log(time) is interpolated linearly in log(size) (equivalently log(rate)).
-Below the smallest size the time is that of the smallest (a latency floor). Above the largest
+Below the smallest size, a collective's time is that of the smallest (its latency: the smallest
+measured message is latency-bound); a matmul or a copy keeps the smallest size's rate (its time
+shrinks with the work: the smallest measured size is not latency-bound, and a floor there would
+price every small elementwise op like an 8 MiB copy). Above the largest
 size x_L the time is ``x / plateau + floor_s * min(1, (x - x_L) / x_L)``: continuous at x_L and,
 from 2 x_L on, affine with slope 1/plateau and intercept ``floor_s``. ``floor_s`` is the fixed
 cost of one call: the smallest measured time for a collective (its latency), 0 for compute and
@@ -107,7 +110,8 @@ class Curve:
             return 0.0
         xs, rs = self.sizes, self.rates
         if size <= xs[0]:
-            return xs[0] / rs[0]  # latency floor: nothing smaller was measured
+            # collectives: the latency floor (nothing smaller was measured); compute: the same rate
+            return xs[0] / rs[0] if self.floor_s > 0 else size / rs[0]
         if size >= xs[-1]:
             return size / rs[-1] + self.floor_s * min(1.0, (size - xs[-1]) / xs[-1])
         i = bisect.bisect_right(xs, size)

@@ -14,8 +14,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from autoplan.cost.comm import BUCKET_BYTES  # gradient all-reduce / parameter broadcast bucket (DDP's default size)
+
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
-BUCKET_BYTES = 25 * 2**20  # gradient all-reduce / parameter broadcast bucket (DDP's default size)
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
