@@ -96,7 +96,7 @@ def hand_step(args: argparse.Namespace, family: str):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
