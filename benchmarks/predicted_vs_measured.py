@@ -1,6 +1,6 @@
 """Predicted vs measured step time of several plans on 4 CPU ranks (issue #5).
 
-    python benchmarks/predicted_vs_measured.py [--cluster profiles/cpu-measured.yaml] [--steps 4]
+    python benchmarks/predicted_vs_measured.py [--cluster profiles/cpu-measured.yaml] [--steps 8] [--rounds 4]
 
 Re-launches itself under torchrun on 4 CPU ranks (gloo). Rank 0 makes the plans (DDP, FSDP,
 TP 4, DP 2 x TP 2, PP 2 x DP 2 (1F1B, 4 micro-batches, as ``autoplan estimate -o`` writes it),
@@ -8,10 +8,9 @@ the planner's choice (per-op and pipeline search), and DDP on a 2 x 2 mesh); all
 plan with ``autoplan.apply`` (the engine its ``execution`` names: native recipe or per-op
 interpreter; printed per row) and time median steps (forward + backward + AdamW). Predictions: the cost model on ``--cluster``, and the
 same with the compute of every op replaced by the op-level profile (``autoplan.profiler.ops``,
-timed on every rank at once so the cores are as shared as in training; backward = 2 x forward).
+timed on every rank at once so the cores are as shared as in training, forward and backward).
 Reports Spearman rank correlation, median relative error, and the planner's choice vs the
-fastest measured plan. Micro-batches are pinned to 1 and recompute off, so an op's compute is
-3 x its forward. Numbers are noisy: 2 shared cores, few steps.
+fastest measured plan. Micro-batches are pinned to 1 and recompute off. Numbers are noisy: 2 shared cores, few steps.
 """
 from __future__ import annotations
 
@@ -45,8 +44,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--cluster", default=str(Path(__file__).resolve().parent.parent / "profiles" / "cpu-measured.yaml"))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=4, help="steps are taken in this many rounds over all plans")
     p.add_argument("--nproc", type=int, default=4)
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None, help="also write the results here")
@@ -105,8 +105,7 @@ def _make_plans(args: argparse.Namespace, workdir: Path) -> None:
 
 
 def _op_prediction(plan, graph, times) -> tuple[float, int]:
-    """Plan's predicted step time with each op's compute replaced by 3 x its profiled forward."""
-    from autoplan.profiler.ops import BACKWARD_FACTOR
+    """Plan's predicted step time with each op's compute replaced by its profiled forward + backward."""
     from autoplan.strategies.expand import Strategy
     from autoplan.strategies.placement import parse_placements
 
@@ -125,7 +124,7 @@ def _op_prediction(plan, graph, times) -> tuple[float, int]:
         t = times.seconds(graph, node, s, mesh_shape, b, "fp32")
         if t is None:
             continue
-        step += (1 + BACKWARD_FACTOR) * t - op["compute_s"]
+        step += t + times.backward_seconds(graph, node, s, mesh_shape, b, "fp32") - op["compute_s"]
         used += 1
     return step, used
 
@@ -162,25 +161,35 @@ def worker() -> None:
     meshes = sorted({tuple(p.data["mesh"]["shape"]) for p in plans.values() if p.ops})
     t0 = time.perf_counter()
     # micro-batches are pinned to 1: the micro-batch is the global batch, sharded by each strategy
-    times = profile_ops(graph, meshes, args.batch, "fp32", workdir / f"ops-rank{rank}.json", threads=1)
+    times = profile_ops(graph, meshes, args.batch, "fp32", workdir / f"ops-rank{rank}.json", threads=1, backward=True)
     op_s = time.perf_counter() - t0
     dist.barrier()
 
-    measured: dict[str, float] = {}
     engines: dict[str, str] = {}
     failed: dict[str, str] = {}
+    models = {}
     for name, plan in plans.items():
         try:
             torch.manual_seed(0)
-            pm = apply(spec.build(), plan, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3))
-            engines[name] = "per-op" if hasattr(pm, "program") else "recipe"
-            ts = measure_steps(pm, lambda i: _data(i, args.batch, args.seq), args.steps, args.warmup)
-            t = torch.tensor(_median(ts))
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            measured[name] = float(t)
+            models[name] = apply(spec.build(), plan, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+            engines[name] = "per-op" if hasattr(models[name], "program") else "recipe"
+            measure_steps(models[name], lambda i: _data(i, args.batch, args.seq), 0, args.warmup)
         except AutoplanError as exc:  # raised alike on every rank before any step (an unsupported plan)
             failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         dist.barrier()
+    # rounds: every plan runs a few steps per round, in turn, so a slow spell of the shared machine
+    # falls on all plans alike instead of on whichever ran then
+    samples: dict[str, list[float]] = {n: [] for n in models}
+    per_round = max(1, -(-args.steps // args.rounds))
+    for _ in range(args.rounds):
+        for name, pm in models.items():
+            # one step discarded per round: the first after another plan's steps runs with cold caches
+            ts = measure_steps(pm, lambda i: _data(i, args.batch, args.seq), per_round, 1)
+            t = torch.tensor(ts)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a step ends when its slowest rank does
+            samples[name] += t.tolist()
+            dist.barrier()
+    measured = {n: _median(v) for n, v in samples.items()}
 
     if rank == 0:
         rows = []
@@ -193,7 +202,8 @@ def worker() -> None:
                          "predicted_s": pred,
                          "predicted_with_op_profile_s": pred_op, "ops_from_profile": used})
         print(f"model {args.model}, global batch {args.batch} x {args.seq}, {world} CPU ranks (gloo, 1 thread each), "
-              f"cluster {args.cluster}; median of {args.steps} steps after {args.warmup} warm-up. NOISY: 2 shared cores.")
+              f"cluster {args.cluster}; median of {args.steps} steps after {args.warmup} warm-up, taken in "
+              f"{args.rounds} rounds over all plans. NOISY: 2 shared cores.")
         print(f"op-level profile: {len(times)} keys, {times.stats}, {op_s:.1f} s")
         print(f"{'plan':<9} {'mesh':<14} {'engine':<7} {'measured':>10} {'predicted':>10} {'+op prof':>10}")
         for r in rows:

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from autoplan.cost.comm import collective_seconds, latency_steps
 from autoplan.cost.model import _compute_seconds, price_mesh
 from autoplan.hardware import PROFILES_DIR, cluster_from_dict, load_cluster
+from autoplan.graph import forward_flops
 from autoplan.mesh import Mesh
 from autoplan.profiler.tables import Curve, isotonic_increasing, smooth, source_of, describe_sources
 
@@ -124,6 +125,7 @@ def test_quick_profile_writes_a_loadable_profile_with_sources(quick_profile):
     assert cl.intra_node.measured is not None and cl.inter_node.measured is cl.intra_node.measured
     assert describe_sources(cl)["matmul"] == "measured"
     assert cl.device.measured.matmul_seconds("fp32", 1e9) > 0
+    assert cl.device.measured.attention_seconds("fp32", 1e9) > 0  # fused attention, forward + backward
 
 
 # ------------------------------------------------------------- measured tables in the cost model
@@ -200,6 +202,23 @@ def test_measured_tables_change_collective_and_matmul_times(gpt_tiny_graph):
             assert np.array_equal(x.fwd.at(b), y.fwd.at(b)) and np.array_equal(x.bwd.at(b), y.bwd.at(b))
         for x, y in zip(mp_plain.fwd_compute, mp_plain2.fwd_compute):
             assert np.array_equal(x.at(b), y.at(b))
+
+
+def test_a_measured_attention_curve_prices_fused_attention_and_nothing_else(gpt_tiny_graph):
+    base = yaml.safe_load((PROFILES_DIR / "cpu.yaml").read_text())
+    tree = _with_tables(base, 0.1e9, 5e9)
+    without = cluster_from_dict(tree, "synthetic")
+    tree["measured"]["device"]["attention"] = {"fp32": {"flops": [1e6, 1e10], "flops_per_s": [1e9, 1e9]}}
+    with_att = cluster_from_dict(tree, "synthetic+attention")
+    g = gpt_tiny_graph
+    sdpa = next(n for n in g.nodes.values() if n.kind == "sdpa")
+    lin = next(n for n in g.nodes.values() if n.kind == "linear")
+    flops = forward_flops(g, sdpa, 64)
+    assert _compute_seconds(g, sdpa, 64, with_att, "fp32") == pytest.approx(flops / 1e9)  # the attention curve's rate
+    assert _compute_seconds(g, sdpa, 64, without, "fp32") < flops / 1e9  # the matmul curve's 5 GFLOP/s
+    assert _compute_seconds(g, lin, 64, with_att, "fp32") == _compute_seconds(g, lin, 64, without, "fp32")
+    # unfused attention is matmuls plus passes over the scores: not the fused kernel's curve
+    assert _compute_seconds(g, sdpa, 64, with_att, "fp32", "unfused") == _compute_seconds(g, sdpa, 64, without, "fp32", "unfused")
 
 
 def test_shipped_gpu_profiles_stay_analytic():

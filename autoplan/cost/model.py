@@ -141,6 +141,8 @@ def _compute_seconds(graph: OpGraph, node: OpNode, batch: int, cluster: Cluster,
     t_bytes = nbytes / bandwidth
     if dev.measured is not None:  # measured: (issue #5) curves from `autoplan profile` replace the roofline's rates
         t_mm, t_mem = dev.measured.matmul_seconds(dtype, flops), dev.measured.memory_seconds(nbytes)
+        if node.kind == "sdpa" and attention == "flash":  # the fused kernel's own measured rate, if profiled
+            t_mm = dev.measured.attention_seconds(dtype, flops) or t_mm
         t_flops = t_flops if t_mm is None or flops <= 0 else t_mm
         if t_mem is not None and nbytes > 0:
             t_bytes, bandwidth = t_mem, nbytes / t_mem

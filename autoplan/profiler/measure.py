@@ -49,6 +49,12 @@ MATMUL_SHAPES = {
                  (16384, 4096, 4096), (8192, 4096, 16384)],
     },
 }
+# (batch, heads, seq, head_dim) of causal fused attention, timed forward + backward
+ATTENTION_SHAPES = {
+    "quick": [(1, 4, 128, 32), (2, 4, 256, 64)],
+    "cpu": [(1, 4, 128, 32), (2, 4, 128, 32), (2, 8, 256, 64), (2, 16, 512, 64)],
+    "cuda": [(1, 16, 1024, 64), (4, 16, 2048, 128), (8, 32, 4096, 128)],
+}
 COPY_SIZES = {"quick": [1 * MIB, 4 * MIB], "cpu": [4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB],
               "cuda": [16 * MIB, 64 * MIB, 256 * MIB, 1024 * MIB]}
 COLL_SIZES = {"quick": [4 * KIB, 64 * KIB, 1 * MIB],
@@ -154,9 +160,10 @@ class _Worker:
         copies = COPY_SIZES[self.mode]
         csizes = COLL_SIZES[self.mode]
         gsizes = self.group_sizes() if self.world > 1 else []
-        self.total = sum(len(v) for v in shapes.values()) + len(copies) + len(gsizes) * len(KINDS) * len(csizes)
+        att = ATTENTION_SHAPES[self.mode]
+        self.total = sum(len(v) for v in shapes.values()) + len(att) * len(shapes) + len(copies) + len(gsizes) * len(KINDS) * len(csizes)
         self.total += len(csizes) if self.world > 1 else 0
-        self.total += 1  # DTensor dispatch
+        self.total += 2  # DTensor dispatch, per-op runtime vs native
         out: dict[str, Any] = {
             "meta": {
                 "world": self.world, "backend": self.backend, "device": self._device_name(),
@@ -176,6 +183,7 @@ class _Worker:
                 flops = 2.0 * m * k * n
                 rows.append({"shape": [m, k, n], "flops": flops, "seconds": s, "flops_per_s": flops / s})
             out["matmul"][dname] = rows
+        out["attention"] = {dname: self._attention(dname, att) for dname in shapes}
         for size in copies:
             self.progress(f"memory copy {size // MIB} MiB")
             src = torch.empty(size // 4, dtype=torch.float32, device=self.device).fill_(1.0)
@@ -197,6 +205,32 @@ class _Worker:
         self.progress("per-op runtime vs native, one small GPT step")
         out["engine"] = self._engine()
         return out
+
+    def _attention(self, dname: str, shapes: list[tuple[int, int, int, int]]) -> list[dict[str, Any]]:
+        """Causal fused attention (``scaled_dot_product_attention``), forward + backward. The rate is
+        per forward FLOP as the cost model counts them (QK^T and AV, no causal discount), times 3:
+        the cost model prices backward as twice forward, so its 3 x forward is the measured time."""
+        torch = self.torch
+        import torch.nn.functional as F
+
+        dt = getattr(torch, DTYPES[dname])
+        rows = []
+        for b, h, t, d in shapes:
+            self.progress(f"attention {dname} {b}x{h}x{t}x{d}")
+            q, k, v = (torch.randn(b, h, t, d, device=self.device).to(dt).requires_grad_() for _ in range(3))
+
+            def step() -> None:
+                F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+                q.grad = k.grad = v.grad = None
+
+            try:
+                s = self.timed(step, combine="median")
+            except (RuntimeError, NotImplementedError) as exc:  # a dtype this device's kernels lack
+                self.progress(f"attention {dname}: skipped ({type(exc).__name__})")
+                break
+            flops = 4.0 * b * h * t * t * d
+            rows.append({"shape": [b, h, t, d], "flops": flops, "seconds": s, "flops_per_s": 3.0 * flops / s})
+        return rows
 
     def _engine(self, model: str = "gpt-tiny:layers=2") -> dict[str, float] | None:
         """Step time of a small GPT's DDP plan run by the per-op runtime and by the native recipe:
@@ -410,6 +444,11 @@ def build_profile(raw: dict[str, Any], name: str, date: str | None = None) -> di
             "flops": [int(r["flops"]) for r in rows],
             "flops_per_s": [_r(r["flops_per_s"]) for r in rows],
         }
+    attention_tree = {
+        dname: {"shapes": [list(r["shape"]) for r in rows], "flops": [int(r["flops"]) for r in rows],
+                "flops_per_s": [_r(r["flops_per_s"]) for r in rows]}
+        for dname, rows in (raw.get("attention") or {}).items() if rows
+    }
     mem_rows = raw["memory"]
     big = mem_rows[-1]
     mem_bw = {"value": _r(big["bytes_per_s"]), "source": (
@@ -481,6 +520,7 @@ def build_profile(raw: dict[str, Any], name: str, date: str | None = None) -> di
             "device": {
                 "source": f"{ms} {tag}",
                 "matmul": matmul_tree,
+                **({"attention": attention_tree} if attention_tree else {}),
                 "memory": {"bytes": [int(r["bytes"]) for r in mem_rows],
                            "bytes_per_s": [_r(r["bytes_per_s"]) for r in mem_rows]},
             },

@@ -204,14 +204,22 @@ def link_tables_from_yaml(tree: Any, where: str) -> LinkTables | None:
 
 @dataclass(frozen=True)
 class DeviceTables:
-    """Measured device curves: matmul FLOP/s vs FLOPs per dtype, copy bytes/s vs bytes."""
+    """Measured device curves: matmul FLOP/s vs FLOPs per dtype, copy bytes/s vs bytes, and fused
+    causal attention's forward-equivalent FLOP/s (3 x forward FLOPs over forward + backward time)."""
 
     matmul: tuple[tuple[str, Curve], ...]
     memory: Curve | None
     source: str = ""
+    attention: tuple[tuple[str, Curve], ...] = ()
 
     def matmul_seconds(self, dtype: str, flops: float) -> float | None:
         for d, c in self.matmul:
+            if d == dtype:
+                return c.seconds(flops)
+        return None
+
+    def attention_seconds(self, dtype: str, flops: float) -> float | None:
+        for d, c in self.attention:
             if d == dtype:
                 return c.seconds(flops)
         return None
@@ -221,18 +229,23 @@ class DeviceTables:
 
 
 def device_tables_from_yaml(tree: Any, where: str) -> DeviceTables | None:
-    """``measured.device``: {source:, matmul: {dtype: {flops:, flops_per_s:}}, memory: {bytes:, bytes_per_s:}}."""
+    """``measured.device``: {source:, matmul: {dtype: {flops:, flops_per_s:}}, memory: {bytes:, bytes_per_s:},
+    attention (optional): {dtype: {flops:, flops_per_s:}}}."""
     if not tree:
         return None
     mm = tuple(
         (str(d), _curve_from_yaml(c, "flops", "flops_per_s", f"{where}.matmul.{d}"))
         for d, c in sorted((tree.get("matmul") or {}).items())
     )
+    att = tuple(
+        (str(d), _curve_from_yaml(c, "flops", "flops_per_s", f"{where}.attention.{d}"))
+        for d, c in sorted((tree.get("attention") or {}).items())
+    )
     mem_tree = tree.get("memory")
     mem = _curve_from_yaml(mem_tree, "bytes", "bytes_per_s", f"{where}.memory") if mem_tree else None
     if not mm and mem is None:
         return None
-    return DeviceTables(mm, mem, str(tree.get("source", "")))
+    return DeviceTables(mm, mem, str(tree.get("source", "")), att)
 
 
 def source_of(cluster: Any) -> str:
