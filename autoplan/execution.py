@@ -9,8 +9,8 @@ The runtime has two engines (``autoplan.runtime``):
   whose structure it knows (embedding, a list of blocks, head).
 
 A pipeline plan can only run as a recipe. A per-op plan is *lowered* to a recipe when it is one:
-every op keeps the batch split over the data-parallel axes, parameters are replicated (DDP),
-dim-0 sharded (FSDP) or split the Megatron way on the tensor-parallel axis, exactly as the recipe
+every op keeps the batch split over the data-parallel axes, parameters are replicated on a 1-D
+mesh (DDP), dim-0 sharded on a 1-D mesh (FSDP) or split the Megatron way on the tensor-parallel axis, exactly as the recipe
 would place them. Lowering never changes what is computed or how much is communicated; it lets
 native code issue it. The per-op description stays in the plan, and the runtime falls back to
 it when the model's structure is not one the recipe knows.
@@ -81,7 +81,10 @@ def lower(graph: OpGraph, mesh: Mesh, chosen: Mapping[str, Strategy], params: Ma
         allow = allow_for(family, m)
         return all(allow(node, chosen[name]) for name, node in graph.nodes.items())
 
-    if all(all(p == "R" for p in pl) for pl in params.values()) and fits("ddp", mesh):
+    # DDP's recipe all-reduces over the whole world at once: the same collectives as the plan only on
+    # a 1-D mesh (on 2-D, the plan prices one all-reduce per axis; the per-op runtime issues those)
+    if sum(s > 1 for s in mesh.shape) <= 1 and all(all(p == "R" for p in pl) for pl in params.values()) \
+            and fits("ddp", mesh):
         return {"runtime": "recipe", "recipe": recipe(dp=mesh.size, **common), "from": "ddp", "fallback": "per-op"}
     if mesh.ndim == 1:
         if fits("fsdp", mesh):

@@ -48,6 +48,10 @@ class Device:
     # per-op cost of the per-op runtime's DTensor dispatch (forward + backward), beyond the op itself;
     # measured by `autoplan profile`; 0 where not measured (GPU launches overlap with the host's work)
     dtensor_dispatch_s: float = 0.0
+    # the optimizer's fixed cost per parameter tensor and step (AdamW's per-tensor ops), for a plain
+    # tensor and for a sharded DTensor (FSDP, tensor parallel); measured by `autoplan profile`, else 0
+    optimizer_tensor_s: float = 0.0
+    optimizer_dtensor_s: float = 0.0
 
     @property
     def usable_memory_bytes(self) -> float:
@@ -155,8 +159,8 @@ def cluster_from_dict(tree: dict[str, Any], where: str = "<dict>") -> Cluster:
         memory_bandwidth_bytes_per_s=_num(tree, "device.memory_bandwidth_bytes_per_s", sources, where),
         matmul_efficiency=_num(tree, "device.matmul_efficiency", sources, where),
         memory_efficiency=_num(tree, "device.memory_efficiency", sources, where),
-        dtensor_dispatch_s=(_num(tree, "device.dtensor_dispatch_s", sources, where)
-                            if "dtensor_dispatch_s" in dev else 0.0),
+        **{k: _num(tree, f"device.{k}", sources, where)
+           for k in ("dtensor_dispatch_s", "optimizer_tensor_s", "optimizer_dtensor_s") if k in dev},
     )
     m_dev, m_intra, m_inter = _measured(tree, where)  # measured: (issue #5)
     if m_dev is not None:

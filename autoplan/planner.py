@@ -19,7 +19,7 @@ from autoplan.mesh import Mesh
 from autoplan.plan import SCHEMA, Plan, Prediction
 from autoplan.repeats import Tying
 from autoplan.search import Evaluated, SearchOptions, memory_budget, search
-from autoplan.strategies.placement import format_placements
+from autoplan.strategies.placement import Shard, format_placements
 
 
 @dataclass(frozen=True)
@@ -245,9 +245,16 @@ def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = Se
 
 def engine_overhead(job: Job, ev: Evaluated) -> float:
     """Seconds per step the per-op runtime adds: its DTensor dispatch (``dtensor_dispatch_s``, measured
-    by ``autoplan profile``; 0 on profiles without it) for every op, forward and backward, per micro-batch."""
+    by ``autoplan profile``; 0 on profiles without it) for every op, forward and backward, per micro-batch,
+    and the optimizer's DTensor cost for the parameters the cost model priced as plain (replicated) tensors."""
+    dev = job.cluster.device
     ops = sum(1 for n in job.graph.nodes.values() if n.kind not in ("param", "buffer", "input"))
-    return ops * ev.cfg.micro_batches * job.cluster.device.dtensor_dispatch_s
+    # the cost model prices a replicated parameter's optimizer step as a plain tensor's (DDP); the
+    # per-op runtime holds every parameter as a DTensor
+    chosen = _chosen(job, ev) if dev.optimizer_dtensor_s > dev.optimizer_tensor_s else {}
+    replicated = sum(1 for k, n in job.graph.nodes.items()
+                     if n.kind == "param" and k in chosen and not any(isinstance(p, Shard) for p in chosen[k].out))
+    return ops * ev.cfg.micro_batches * dev.dtensor_dispatch_s + replicated * (dev.optimizer_dtensor_s - dev.optimizer_tensor_s)
 
 
 def _native_if_faster(job: Job, best: Evaluated, options: SearchOptions, cache: dict, budget: float) -> Evaluated:

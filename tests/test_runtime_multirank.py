@@ -44,7 +44,7 @@ def torchrun(nproc: int, *args: str, timeout: float = 300) -> subprocess.Complet
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("eq") / "report.json"
-    proc = torchrun(4, "equivalence_worker.py", str(out), ",".join(["moves"] + ZOO_CASES + HF_CASES))
+    proc = torchrun(4, "equivalence_worker.py", str(out), ",".join(["moves", "vocab_ce"] + ZOO_CASES + HF_CASES))
     assert out.exists(), proc.stderr[-3000:]
     return {c["case"]: c for c in json.loads(out.read_text())}
 
@@ -55,6 +55,15 @@ def test_moves_keep_values(report):
     r = report["moves"]
     assert "error" not in r, r.get("traceback")
     assert r["wrong"] == [] and r["checked"] == 127, r
+
+
+def test_vocab_parallel_cross_entropy_matches_one_process_and_issues_the_priced_all_reduces(report):
+    r = report["vocab_ce"]
+    assert "error" not in r, r.get("traceback")
+    assert len(r["results"]) == 3
+    for res in r["results"]:
+        assert res["loss_rel"] < 1e-6 and res["grad_rel"] < 1e-6, res
+        assert [list(i) for i in res["issued"]] == res["expected"], res
 
 
 @pytest.mark.parametrize("case", ZOO_CASES)

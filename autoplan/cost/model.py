@@ -271,7 +271,10 @@ def price_mesh(graph: OpGraph, tying: Tying, mesh: Mesh, cluster: Cluster, dtype
         local1 = np.array([_local_numel(node.out.shape(1), s.out, mesh.shape) for s in strats])
         if node.kind == "param":
             mp.param_bytes.append(local1 * STATE_BYTES_PER_PARAM)
-            mp.optimizer_s.append(local1 * OPTIMIZER_BYTES_PER_PARAM / (dev.memory_bandwidth_bytes_per_s * dev.memory_efficiency))
+            per_tensor = np.array([dev.optimizer_dtensor_s if any(isinstance(p, Shard) for p in s.out)
+                                   else dev.optimizer_tensor_s for s in strats])  # a sharded parameter is a DTensor
+            mp.optimizer_s.append(local1 * OPTIMIZER_BYTES_PER_PARAM / (dev.memory_bandwidth_bytes_per_s * dev.memory_efficiency)
+                                  + per_tensor)
         elif node.kind == "buffer":
             mp.param_bytes.append(local1 * eb)
             mp.optimizer_s.append(np.zeros(len(strats)))

@@ -163,7 +163,7 @@ class _Worker:
         att = ATTENTION_SHAPES[self.mode]
         self.total = sum(len(v) for v in shapes.values()) + len(att) * len(shapes) + len(copies) + len(gsizes) * len(KINDS) * len(csizes)
         self.total += len(csizes) if self.world > 1 else 0
-        self.total += 2  # DTensor dispatch, per-op runtime vs native
+        self.total += 3  # DTensor dispatch, optimizer per tensor, per-op runtime vs native
         out: dict[str, Any] = {
             "meta": {
                 "world": self.world, "backend": self.backend, "device": self._device_name(),
@@ -202,6 +202,8 @@ class _Worker:
             out["collectives"].setdefault("2", {})["send_recv"] = self._send_recv(csizes)
         self.progress("DTensor dispatch per op")
         out["dispatch"] = self._dispatch()
+        self.progress("optimizer step per parameter tensor")
+        out["optimizer"] = self._optimizer()
         self.progress("per-op runtime vs native, one small GPT step")
         out["engine"] = self._engine()
         return out
@@ -232,6 +234,33 @@ class _Worker:
             rows.append({"shape": [b, h, t, d], "flops": flops, "seconds": s, "flops_per_s": 3.0 * flops / s})
         return rows
 
+    def _optimizer(self, n: int = 32, numel: int = 256) -> dict[str, float]:
+        """AdamW's step over ``n`` small parameters minus over one parameter of the same total size,
+        per tensor: its fixed per-tensor cost, for plain tensors and for DTensors sharded over all ranks."""
+        torch = self.torch
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        def per_step(params: list) -> float:
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            opt = torch.optim.AdamW(params, lr=1e-3)
+            return self.timed(opt.step, combine="median")
+
+        def make(k: int, size: int, mesh=None) -> list:
+            if mesh is None:
+                return [torch.nn.Parameter(torch.randn(size, device=self.device)) for _ in range(k)]
+            return [torch.nn.Parameter(distribute_tensor(torch.randn(size * self.world, device=self.device), mesh, [Shard(0)]))
+                    for _ in range(k)]
+
+        one = per_step(make(1, n * numel))
+        out = {"tensor_s": max(0.0, per_step(make(n, numel)) - one) / (n - 1)}
+        if self.world > 1:
+            mesh = init_device_mesh(self.device.type, (self.world,))
+            one_d = per_step(make(1, n * numel, mesh))
+            out["dtensor_s"] = max(0.0, per_step(make(n, numel, mesh)) - one_d) / (n - 1)
+        return out
+
     def _engine(self, model: str = "gpt-tiny:layers=2") -> dict[str, float] | None:
         """Step time of a small GPT's DDP plan run by the per-op runtime and by the native recipe:
         the same collectives (one bucketed gradient all-reduce), so the difference per op is what
@@ -256,7 +285,9 @@ class _Worker:
             pm = apply(spec.build(), plan, optimizer=lambda ps: torch.optim.SGD(ps, lr=1e-3), runtime=runtime)
             steps[runtime] = self.timed(lambda: pm.train_step(inputs, targets))
         ops = sum(1 for op in plan.ops)
-        return {"per_op_step_s": steps["per-op"], "native_step_s": steps["recipe"], "ops": float(ops)}
+        params = sum(1 for _ in spec.build().parameters()) if self.world > 1 else 0
+        return {"per_op_step_s": steps["per-op"], "native_step_s": steps["recipe"], "ops": float(ops),
+                "params": float(params)}
 
     def _dispatch(self, ops: int = 50) -> dict[str, float]:
         """Seconds per op of a chain of tiny elementwise ops (forward + backward), as plain tensors and
@@ -537,20 +568,34 @@ def build_profile(raw: dict[str, Any], name: str, date: str | None = None) -> di
 
 
 def _dispatch_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
-    """``dtensor_dispatch_s``: what one op costs the per-op runtime beyond the op itself (forward + backward)."""
+    """``dtensor_dispatch_s``: what one op costs the per-op runtime beyond the op itself (forward + backward);
+    ``optimizer_tensor_s`` / ``optimizer_dtensor_s``: the optimizer's fixed cost per parameter tensor."""
+    out: dict[str, Any] = {}
+    o = raw.get("optimizer") or {}
+    opt_extra = 0.0
+    for key, what in (("tensor_s", "plain tensors"), ("dtensor_s", "DTensors sharded over all ranks")):
+        if key in o:
+            out[f"optimizer_{key}"] = {"value": _r(o[key]), "source": (
+                f"{where}: AdamW step over 32 small {what} minus over one of the same total size, per tensor")}
+    if "tensor_s" in o and "dtensor_s" in o:
+        opt_extra = max(0.0, o["dtensor_s"] - o["tensor_s"])
     e = raw.get("engine")
     if e:
-        extra = max(0.0, e["per_op_step_s"] - e["native_step_s"]) / e["ops"]
-        return {"dtensor_dispatch_s": {"value": _r(extra), "source": (
-            f"{where}: a 2-layer GPT's DDP step run per-op minus run natively (same collectives), per op "
-            f"({e['per_op_step_s'] * 1e3:.1f} vs {e['native_step_s'] * 1e3:.1f} ms over {e['ops']:.0f} ops)")}}
+        # the per-op step also pays the optimizer's DTensor cost for every parameter: priced on its own
+        extra = max(0.0, e["per_op_step_s"] - e["native_step_s"] - e.get("params", 0.0) * opt_extra) / e["ops"]
+        out["dtensor_dispatch_s"] = {"value": _r(extra), "source": (
+            f"{where}: a 2-layer GPT's DDP step run per-op minus run natively (same collectives), less the "
+            f"optimizer's DTensor cost, per op ({e['per_op_step_s'] * 1e3:.1f} vs {e['native_step_s'] * 1e3:.1f} ms "
+            f"over {e['ops']:.0f} ops)")}
+        return out
     d = raw.get("dispatch")
     if not d:
-        return {}
+        return out
     extra = max(0.0, d["dtensor_op_s"] - d["plain_op_s"])
-    return {"dtensor_dispatch_s": {"value": _r(extra), "source": (
+    out["dtensor_dispatch_s"] = {"value": _r(extra), "source": (
         f"{where}: a chain of tiny elementwise ops, forward + backward, as DTensors minus as plain tensors "
-        f"({d['dtensor_op_s'] * 1e6:.0f} vs {d['plain_op_s'] * 1e6:.0f} us per op)")}}
+        f"({d['dtensor_op_s'] * 1e6:.0f} vs {d['plain_op_s'] * 1e6:.0f} us per op)")}
+    return out
 
 
 class _FlowList(list):

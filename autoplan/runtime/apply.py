@@ -414,9 +414,11 @@ class ParallelModel:
         if target in (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default):
             return _local_sdpa(list(args), dict(kwargs), op.output if op else ())
         if target is F.cross_entropy and isinstance(args[0], DTensor):
-            return _local_cross_entropy(list(args), dict(kwargs))
+            with self.trace.scope("forward", node.name, node.name):  # vocab-parallel: the op's own all-reduces
+                return _local_cross_entropy(list(args), dict(kwargs))
         if target is torch.ops.aten.cross_entropy_loss.default and isinstance(args[0], DTensor):
-            return _local_cross_entropy(list(args[:2]), _aten_ce_kwargs(args[2:], kwargs))
+            with self.trace.scope("forward", node.name, node.name):
+                return _local_cross_entropy(list(args[:2]), _aten_ce_kwargs(args[2:], kwargs))
         if target in (F.dropout, torch.dropout, torch.ops.aten.dropout.default) and _is_dropout_noop(node):
             return args[0]
         if target is _WRAP_GRAD or target is _WRAP_AUTOCAST:

@@ -253,14 +253,67 @@ def _local_sdpa(args: list[Any], kwargs: dict[str, Any], out_pl: DPlacements) ->
 
 
 def _local_cross_entropy(args: list[Any], kwargs: dict[str, Any]) -> DTensor:
-    """Mean cross-entropy with rows split: each rank a partial mean (Partial on the row axes)."""
+    """Mean cross-entropy on sharded logits: rows split (each rank a partial mean, Partial on the row
+    axes) and/or the vocabulary split (Megatron's vocab-parallel loss: three all-reduces of one fp32
+    per row on each vocabulary axis, as the cost model prices them; backward is local)."""
     logits, targets = args[0], args[1]
-    if kwargs.get("reduction", "mean") != "mean" or any(isinstance(p, DShard) and p.dim != 0 for p in logits.placements):
-        raise AutoplanError("the plan splits cross-entropy other than by rows: not supported by the runtime yet")
     rest = {k: v for k, v in kwargs.items() if k != "reduction"}
-    loss = F.cross_entropy(logits.to_local(), targets.to_local(), reduction="sum", **rest) / logits.shape[0]
-    placements = [DPartial() if isinstance(p, DShard) else DReplicate() for p in logits.placements]
-    return DTensor.from_local(loss, logits.device_mesh, placements, run_check=False)
+    bad = [p for p in logits.placements if isinstance(p, DShard) and p.dim % logits.ndim not in (0, 1)]
+    if kwargs.get("reduction", "mean") != "mean" or bad or logits.ndim != 2:
+        raise AutoplanError("the plan splits cross-entropy other than by rows or by the vocabulary: "
+                            "not supported by the runtime yet")
+    mesh = logits.device_mesh
+    vocab_axes = [a for a, p in enumerate(logits.placements) if isinstance(p, DShard) and p.dim % 2 == 1]
+    placements = [DPartial() if isinstance(p, DShard) and p.dim % 2 == 0 else DReplicate() for p in logits.placements]
+    t_local = targets.to_local() if isinstance(targets, DTensor) else targets
+    if not vocab_axes:
+        loss = F.cross_entropy(logits.to_local(), t_local, reduction="sum", **rest) / logits.shape[0]
+        return DTensor.from_local(loss, mesh, placements, run_check=False)
+    if rest:
+        raise AutoplanError(f"vocabulary-parallel cross-entropy takes no {sorted(rest)}: use the default loss")
+    vocab = logits.shape[1]
+    offset, width = 0, vocab
+    for a in vocab_axes:  # nested splits of the vocabulary, in mesh order (DTensor's chunking)
+        n = mesh.size(a)
+        if width % n:
+            raise AutoplanError(f"vocabulary of {vocab} does not split evenly over {n} ranks: pad the vocabulary")
+        width //= n
+        offset += mesh.get_local_rank(a) * width
+    groups = [mesh.get_group(a) for a in vocab_axes]
+    loss = _VocabParallelCE.apply(logits.to_local(), t_local, offset, groups, int(logits.shape[0]))
+    return DTensor.from_local(loss, mesh, placements, run_check=False)
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, local: torch.Tensor, targets: torch.Tensor, offset: int, groups: list, rows: int) -> torch.Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        x = local.float()
+        m = x.max(dim=1).values
+        for g in groups:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=g)
+        shifted = x - m[:, None]
+        exp = shifted.exp()
+        sumexp = exp.sum(dim=1)
+        t = targets - offset
+        mine = (t >= 0) & (t < x.shape[1])
+        idx = t.clamp(0, x.shape[1] - 1)
+        picked = shifted.gather(1, idx[:, None]).squeeze(1) * mine
+        for g in groups:
+            dist.all_reduce(picked, group=g)
+        for g in groups:
+            dist.all_reduce(sumexp, group=g)
+        ctx.save_for_backward(exp / sumexp[:, None], idx, mine)
+        ctx.rows, ctx.dtype = rows, local.dtype
+        return ((sumexp.log() - picked).sum() / rows).to(local.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        softmax, idx, mine = ctx.saved_tensors
+        grad = softmax.clone()
+        grad.scatter_add_(1, idx[:, None], -mine.to(grad.dtype)[:, None])
+        return (grad * (g / ctx.rows)).to(ctx.dtype), None, None, None, None
 
 
 def _aten_ce_kwargs(rest: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:

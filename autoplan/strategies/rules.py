@@ -189,10 +189,11 @@ def cross_entropy_rules(c: RuleCtx) -> list[AxisRule]:
     if len(logits) != 2:
         return []
     n_rows = logits[0]
-    stats = 3 * n_rows * 4.0  # max, sum of exp, target logit: fp32 per row
+    stat = n_rows * 4.0  # one fp32 per row
     return [
         AxisRule(P, (Shard(0), Shard(0))),  # rows split: each rank a partial mean
-        AxisRule(P, (Shard(1), R), comm=(("all_reduce", stats),)),  # vocabulary-parallel (loss_parallel)
+        # vocabulary-parallel (Megatron): all-reduces of the row max, the target logit and the sum of exps
+        AxisRule(P, (Shard(1), R), comm=(("all_reduce", stat),) * 3),
     ]
 
 

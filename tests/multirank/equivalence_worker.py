@@ -2,7 +2,8 @@
 
 usage: python -m torch.distributed.run --standalone --nproc-per-node 4 equivalence_worker.py OUT.json CASES
 CASES: comma-separated model:family[:mesh[:micro_batches]] (family ddp|fsdp|megatron|auto; mesh like
-dp=2+tp=2), or "moves" (every placement move on a 2x2 mesh keeps the value). Models: zoo names, or
+dp=2+tp=2), or "moves" (every placement move on a 2x2 mesh keeps the value), or "vocab_ce"
+(vocabulary-parallel cross-entropy: values, gradients, collectives). Models: zoo names, or
 hf-gpt2 / hf-llama (transformers).
 Rank 0 writes a JSON report: per case, gradient / loss / parameter relative errors and the
 collectives comparison (step 1 with one gradient all-reduce per parameter, step 2 with the
@@ -155,6 +156,44 @@ def run_case(case: str, batches, seq: int) -> dict:
     return out
 
 
+def run_vocab_ce() -> dict:
+    """Cross-entropy on logits split by rows and/or the vocabulary (Megatron's vocab-parallel loss):
+    the loss and the logits' gradient equal one process's, and each vocabulary axis issues the three
+    all-reduces of one fp32 per local row the cost model prices, and nothing else."""
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from autoplan.runtime.comms import CollectiveRecorder
+    from autoplan.runtime.moves import Trace, _local_cross_entropy
+
+    gen = torch.Generator().manual_seed(3)
+    full = torch.randn(8, 12, generator=gen) * 4
+    targets = torch.randint(0, 12, (8,), generator=gen)
+    want_loss = F.cross_entropy(full, targets)
+    ref = full.clone().requires_grad_()
+    F.cross_entropy(ref, targets).backward()
+    results = []
+    for shape, names, pl in [((4,), ("tp",), [Shard(1)]), ((2, 2), ("dp", "tp"), [Shard(0), Shard(1)]),
+                             ((2, 2), ("dp", "tp"), [Replicate(), Shard(1)])]:
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+        logits = distribute_tensor(full, mesh, pl).requires_grad_()
+        tpl = [Shard(0) if isinstance(p, Shard) and p.dim == 0 else Replicate() for p in pl]
+        tgt = distribute_tensor(targets, mesh, tpl)
+        trace = Trace()
+        rec = CollectiveRecorder(mesh, trace)
+        with rec, trace.scope("forward", "ce", "ce"):
+            loss = _local_cross_entropy([logits, tgt], {})
+        issued = sorted((r["kind"], r["axis"], r["bytes"]) for r in rec.records)
+        rows = 8 // (2 if isinstance(pl[0], Shard) and pl[0].dim == 0 else 1)
+        loss.full_tensor().backward()
+        results.append({"placements": [str(p) for p in pl],
+                        "loss_rel": abs(float(loss.full_tensor()) - float(want_loss)) / abs(float(want_loss)),
+                        "grad_rel": rel(logits.grad.full_tensor(), ref.grad),
+                        "issued": issued, "expected": [["all_reduce", "tp", rows * 4]] * 3})
+    return {"case": "vocab_ce", "results": results}
+
+
 def main() -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     out_path, cases = sys.argv[1], sys.argv[2].split(",")
@@ -167,7 +206,8 @@ def main() -> None:
     report = []
     for case in cases:
         try:
-            report.append(run_moves() if case == "moves" else run_case(case, batches, seq))
+            special = {"moves": run_moves, "vocab_ce": run_vocab_ce}
+            report.append(special[case]() if case in special else run_case(case, batches, seq))
         except Exception as exc:  # noqa: BLE001 - reported per case
             report.append({"case": case, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]})
         dist.barrier()
