@@ -358,6 +358,49 @@ def needs_value_in_backward(consumer: OpNode, pos: int) -> bool:
     return True
 
 
+_NOT_READ_BY_BACKWARD = frozenset({"add", "sub", "iadd", "__add__", "__radd__", "neg", "float", "half", "bfloat16",
+                                   "to", "_to_copy", "type_as", "type", "masked_fill", "where"})
+_SAVES_OWN_OUTPUT = frozenset({"sdpa", "softmax", "cross_entropy"})  # flash's output and log-sum-exp; softmax's output
+
+
+def _reads_input(consumer: OpNode, pos: int) -> bool:
+    """Does autograd keep ``consumer``'s input ``pos`` for backward (as PyTorch's derivative formulas do)?"""
+    kind = consumer.kind
+    if kind in ("layer_norm", "rms_norm"):
+        return pos == 0  # the input (its statistics are small); the weight is a parameter
+    if kind in ("dropout", "embedding", "cat", "reduce"):
+        return False  # a mask, the indices, nothing: counted elsewhere or small
+    if kind == "sdpa":
+        return pos < 3
+    if kind == "elementwise":
+        return consumer.target.removeprefix("aten.").split(".")[0] not in _NOT_READ_BY_BACKWARD
+    return kind not in ALIAS_KINDS
+
+
+def saved_fraction(graph: OpGraph, name: str, elem_bytes: int) -> float:
+    """Fraction of ``name``'s output bytes kept alive for backward: 1 when the op itself or any consumer
+    (looking through views) saves it, a dropout's mask (1 byte per element), else 0."""
+    node = graph.nodes[name]
+    if node.kind in _SAVES_OWN_OUTPUT:
+        return 1.0
+    seen: set[str] = set()
+    stack = [name]
+    while stack:
+        u = stack.pop()
+        for v in graph.dag.successors(u):
+            cons = graph.nodes[v]
+            poss = [d["index"] for _, w, d in graph.dag.out_edges(u, data=True) if w == v]
+            if cons.kind in ALIAS_KINDS and cons.kind not in ("param", "buffer", "input", "constant"):
+                if v not in seen:
+                    seen.add(v)
+                    stack.append(v)
+            elif any(_reads_input(cons, pos) for pos in poss):
+                return 1.0
+    if node.kind == "dropout" and float(node.attrs.get("p", node.attrs.get("arg1", 0.5)) or 0.0) > 0:
+        return 1.0 / max(elem_bytes, 1)
+    return 0.0
+
+
 def forward_flops(graph: OpGraph, node: OpNode, batch: int) -> float:
     """FLOPs of the op's forward at ``batch`` (global, unsharded); backward is priced as 2x."""
     out = node.out.numel(batch)

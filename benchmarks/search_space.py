@@ -14,8 +14,10 @@ Target from the issue: each search under 30 s on this machine.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from autoplan.api import prepare_job
+from autoplan.errors import AutoplanError
 from autoplan.estimate import EstimateConfig, estimate
 from autoplan.pipeline_search import search_pipeline
 from autoplan.search import search
@@ -50,10 +52,17 @@ def main() -> None:
               f"MFU {100 * est.mfu:.1f}%, {est.peak_memory_bytes / 2**30:.1f} GiB")
         if published:
             pcfg, tflops = published
-            pub = estimate(job, pcfg)
-            print(f"  published:     tp {pcfg.tp} pp {pcfg.pp} dp {pcfg.dp} zero {pcfg.zero} sp {pcfg.sequence_parallel} ({tflops:.0f} TFLOP/s/GPU reported) priced at "
-                  f"{pub.step_time_s:.2f} s/step, {pub.model_tflops_per_device:.0f} model TFLOP/s/GPU, "
-                  f"{pub.peak_memory_bytes / 2**30:.1f} GiB, fits {pub.fits}")
+            print(f"  published:     tp {pcfg.tp} pp {pcfg.pp} dp {pcfg.dp} zero {pcfg.zero} sp {pcfg.sequence_parallel}, "
+                  f"{tflops:.0f} TFLOP/s/GPU reported; the interleaving depth is not published, so each v is priced:")
+            for v in (1, 2, 4, 8):
+                try:
+                    pub = estimate(job, replace(pcfg, virtual_stages=v))
+                except AutoplanError as exc:  # pp x v > layers, or micro-batches not a multiple of pp
+                    print(f"    v {v}: {exc}")
+                    continue
+                print(f"    v {v}: {pub.step_time_s:.2f} s/step, {pub.model_tflops_per_device:.0f} model TFLOP/s/GPU "
+                      f"({pub.model_tflops_per_device / tflops - 1:+.0%} vs reported), bubble {pub.bubble_s:.2f} s, "
+                      f"{pub.peak_memory_bytes / 2**30:.1f} GiB, fits {pub.fits}")
         print(flush=True)
 
 

@@ -13,7 +13,8 @@ costs, one per strategy, and every producer->consumer edge a matrix of reshardin
   micro-batch, again in backward after resharding).
 * optimizer: AdamW streams ``OPTIMIZER_BYTES_PER_PARAM`` per local parameter through HBM.
 * memory: parameters, gradients and optimizer states (``STATE_BYTES_PER_PARAM``) of the local
-  shard, plus saved activations: the local output of every op that computes, for one micro-batch.
+  shard, plus saved activations: the local output of every op whose output autograd keeps for backward
+  (read by its own or a consumer's backward: ``graph.saved_fraction``), for one micro-batch.
 
 Repeated blocks are tied (``repeats.Tying``): each term is counted once per copy.
 """
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from autoplan.cost.comm import Bucket, Collective, dual, seconds, transition
-from autoplan.graph import ALIAS_KINDS, OpGraph, OpNode, forward_flops, needs_value_in_backward
+from autoplan.graph import ALIAS_KINDS, OpGraph, OpNode, forward_flops, needs_value_in_backward, saved_fraction
 from autoplan.hardware import Cluster
 from autoplan.mesh import Mesh
 from autoplan.repeats import Tying
@@ -281,9 +282,10 @@ def price_mesh(graph: OpGraph, tying: Tying, mesh: Mesh, cluster: Cluster, dtype
         else:
             mp.param_bytes.append(np.zeros(len(strats)))
             mp.optimizer_s.append(np.zeros(len(strats)))
-        saves = node.kind not in ALIAS_KINDS or node.kind == "input"
+        # what autograd keeps for backward: an output read by its own or a consumer's backward
+        saves = 1.0 if node.kind == "input" else 0.0 if node.kind in ALIAS_KINDS else saved_fraction(graph, name, eb)
         mp.act_bytes.append(_fit(lambda b, strats=strats, node=node, eb=eb, saves=saves: np.array([
-            _local_numel(node.out.shape(b), s.out, mesh.shape) * eb if saves else 0.0 for s in strats
+            _local_numel(node.out.shape(b), s.out, mesh.shape) * eb * saves for s in strats
         ])))
         mp.batch_constraints.append([_batch_constraints(shapes, [s.out, *s.ins], mesh.shape) for s in strats])
     weights: dict[tuple[str, str, int], int] = defaultdict(int)
