@@ -1,6 +1,6 @@
 """Predicted vs measured step time of several plans on 4 CPU ranks (issue #5).
 
-    python benchmarks/predicted_vs_measured.py [--cluster profiles/cpu-measured.yaml] [--steps 8] [--rounds 4]
+    python benchmarks/predicted_vs_measured.py [--cluster profiles/cpu-measured.yaml | --fresh-profile] [--steps 8] [--rounds 4]
 
 Re-launches itself under torchrun on 4 CPU ranks (gloo). Rank 0 makes the plans (DDP, FSDP,
 TP 4, DP 2 x TP 2, PP 2 x DP 2 (1F1B, 4 micro-batches, as ``autoplan estimate -o`` writes it),
@@ -50,6 +50,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=4)
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--fresh-profile", action="store_true",
+                   help="run `autoplan profile` first and predict with that profile instead of --cluster")
     return p.parse_args()
 
 
@@ -242,9 +244,15 @@ def main() -> None:
         return
     args = _args()
     with tempfile.TemporaryDirectory(prefix="autoplan-pvm-") as tmp:
-        argv = [a for a in sys.argv[1:]]
+        argv = [a for a in sys.argv[1:] if a != "--fresh-profile"]
         if args.workdir is None:
             argv += ["--workdir", tmp]
+        if args.fresh_profile:  # the machine as it is now (a shared VM drifts): measured before any plan runs
+            fresh = str(Path(tmp) / "fresh.yaml")
+            rc = subprocess.call([sys.executable, "-m", "autoplan.cli", "profile", "--nproc", str(args.nproc), "-o", fresh])
+            if rc:
+                sys.exit(rc)
+            argv += ["--cluster", fresh]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
                os.path.abspath(__file__), *argv]
         sys.exit(subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}))

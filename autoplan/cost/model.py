@@ -28,7 +28,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from autoplan.cost.comm import Bucket, Collective, dual, seconds, transition
+from autoplan.cost.comm import BUCKET_BYTES, Bucket, Collective, dual, seconds, transition
 from autoplan.graph import ALIAS_KINDS, OpGraph, OpNode, forward_flops, needs_value_in_backward, saved_fraction
 from autoplan.hardware import Cluster
 from autoplan.mesh import Mesh
@@ -304,14 +304,17 @@ def price_mesh(graph: OpGraph, tying: Tying, mesh: Mesh, cluster: Cluster, dtype
 
 
 def param_buckets(graph: OpGraph, tying: Tying, dtype: str) -> dict[str, Bucket]:
-    """Each parameter's collective grouping: DDP's 25 MiB gradient buckets, and as FSDP unit the
-    parameters of one repeated block (for a parameter inside the blocks) or all the parameters
-    outside them (the root unit)."""
+    """Each parameter's collective grouping: DDP's 25 MiB gradient buckets (one bucket of the model's
+    size when it is smaller), and as FSDP unit the parameters of one repeated block (for a parameter
+    inside the blocks) or all the parameters outside them (the root unit)."""
     sizes = {n: math.prod(node.out.shape(1)) * elem_bytes(node, dtype)
              for n, node in graph.nodes.items() if node.kind == "param" and tying.rep[n] == n}
     block = sum(b for n, b in sizes.items() if n in tying.in_block)
     root = sum(b for n, b in sizes.items() if n not in tying.in_block)
-    return {n: Bucket(unit=max(block if n in tying.in_block else root, 1.0)) for n in sizes}
+    # a model smaller than one DDP bucket fills one bucket of its own size
+    total = sum(b * (tying.count[n] if n in tying.in_block else 1) for n, b in sizes.items())
+    grads = max(min(BUCKET_BYTES, total), 1.0)
+    return {n: Bucket(grads=grads, unit=max(block if n in tying.in_block else root, 1.0)) for n in sizes}
 
 
 def _legal(constraints: list[tuple[tuple[int, int], ...]], batch: int) -> np.ndarray:
