@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import assert_as_priced
 import torch
 import torch.distributed as dist
 from click.testing import CliRunner
@@ -53,18 +54,6 @@ def test_apply_needs_a_process_group():
         apply(build(), tiny_plan(4, force="ddp"))
 
 
-def assert_as_priced(c: dict) -> None:
-    """The step issued exactly the plan's collectives: edge by edge (phase, kind, axis, bytes, src,
-    dst, count per step) and summed per layer; a bucketed gradient all-reduce is compared as the
-    per-parameter all-reduces it merges (same bytes, one collective)."""
-    diff = {"missing": c["missing"], "extra": c["extra"], "per layer [count, bytes] planned, issued": c["layer_diff"]}
-    assert not c["missing"] and not c["extra"], diff
-    assert not c["layer_diff"] and c["by_layer"]["issued"] == c["by_layer"]["planned"], diff
-    assert c["issued_unbucketed"] == c["planned"] and c["issued_bytes"] == c["planned_bytes"], diff
-    assert all(b["bytes"] == b["members_bytes"] for b in c["buckets"]), c["buckets"]
-    assert c["issued"] == c["planned"] - sum(len(b["params"]) - 1 for b in c["buckets"])
-    assert sum(c["comm_debug_mode"].values()) == c["issued"]  # CommDebugMode sees the same collectives
-    assert c["exact"]
 
 
 @pytest.mark.parametrize("model", ["gpt-tiny", "llama-tiny"])

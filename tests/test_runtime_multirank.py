@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import assert_as_priced
 
 import autoplan
 
@@ -79,18 +80,6 @@ def test_planned_run_matches_one_process(report, case):
     assert not r["unplanned"], r["unplanned"]  # every op produced the planned placement
 
 
-def assert_as_priced(c: dict) -> None:
-    """The step issued exactly the plan's collectives: edge by edge (phase, kind, axis, bytes, src,
-    dst, count per step) and summed per layer; a bucketed gradient all-reduce is compared as the
-    per-parameter all-reduces it merges (same bytes, one collective)."""
-    diff = {"missing": c["missing"], "extra": c["extra"], "per layer [count, bytes] planned, issued": c["layer_diff"]}
-    assert not c["missing"] and not c["extra"], diff
-    assert not c["layer_diff"] and c["by_layer"]["issued"] == c["by_layer"]["planned"], diff
-    assert c["issued_unbucketed"] == c["planned"] and c["issued_bytes"] == c["planned_bytes"], diff
-    assert all(b["bytes"] == b["members_bytes"] for b in c["buckets"]), c["buckets"]
-    assert c["issued"] == c["planned"] - sum(len(b["params"]) - 1 for b in c["buckets"])
-    assert sum(c["comm_debug_mode"].values()) == c["issued"]  # CommDebugMode counts the same collectives
-    assert c["exact"]
 
 
 @pytest.mark.parametrize("case", ZOO_CASES)

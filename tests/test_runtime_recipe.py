@@ -172,13 +172,6 @@ def test_needs_a_process_group():
 # ------------------------------------------------------------------------------ one rank, in this process
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def batch(seed: int = 1, size: int = 4, seq: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

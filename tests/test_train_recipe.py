@@ -25,12 +25,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -72,13 +70,6 @@ def test_latest_checkpoint_ignores_half_written(tmp_path):
 # ------------------------------------------------------------------------------ fast: one rank, in this process
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_recipe_checkpoint_has_the_per_op_keys_and_round_trips(one_rank, tmp_path):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from common import error_of  # type: ignore[import-not-found]
 
 torch.set_num_threads(1)
 MODEL = "gpt-tiny:layers=4"
@@ -120,7 +121,6 @@ def main() -> None:
 
 def error_cases(root: Path, plans: dict[str, str]) -> dict[str, str]:
     """Bad combinations: one-line AutoplanErrors naming the fix."""
-    from autoplan.errors import AutoplanError
     from autoplan.runtime.checkpoint import load_checkpoint
 
     out = {}
@@ -132,13 +132,7 @@ def error_cases(root: Path, plans: dict[str, str]) -> dict[str, str]:
         "empty": lambda: load_checkpoint(make("recipe", dict(dp=4), plans), root / "nothing-here"),
     }
     for key, fn in tries.items():
-        try:
-            fn()
-            out[key] = "no error"
-        except AutoplanError as exc:
-            out[key] = str(exc)
-        except Exception as exc:  # noqa: BLE001 - reported
-            out[key] = f"NOT AutoplanError: {type(exc).__name__}: {exc}"
+        out[key] = error_of(fn)
     return out
 
 

@@ -12,14 +12,13 @@ bucketed all-reduces ``train_step`` issues).
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
-import traceback
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from common import run_cases, token_batches  # type: ignore[import-not-found]
 
 torch.set_num_threads(1)
 
@@ -198,22 +197,9 @@ def main() -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     out_path, cases = sys.argv[1], sys.argv[2].split(",")
     seq = 32
-    gen = torch.Generator().manual_seed(1)
-    batches = []
-    for _ in range(3):
-        x = torch.randint(0, 256, (8, seq + 1), generator=gen)
-        batches.append((x[:, :-1].contiguous(), x[:, 1:].contiguous()))
-    report = []
-    for case in cases:
-        try:
-            special = {"moves": run_moves, "vocab_ce": run_vocab_ce}
-            report.append(special[case]() if case in special else run_case(case, batches, seq))
-        except Exception as exc:  # noqa: BLE001 - reported per case
-            report.append({"case": case, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]})
-        dist.barrier()
-    if dist.get_rank() == 0:
-        with open(out_path, "w") as fh:
-            json.dump(report, fh, indent=1)
+    batches = token_batches(seq=seq)
+    special = {"moves": run_moves, "vocab_ce": run_vocab_ce}
+    run_cases(cases, lambda case: special[case]() if case in special else run_case(case, batches, seq), out_path)
     dist.destroy_process_group()
 
 

@@ -8,14 +8,13 @@ on the same global batch, one SGD step, and evidence of sharding and recompute.
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
-import traceback
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from common import error_of, run_cases, token_batches  # type: ignore[import-not-found]
 from equivalence_worker import rel  # type: ignore[import-not-found]
 
 torch.set_num_threads(1)
@@ -145,7 +144,6 @@ def sgd_check(name: str, recipe, batch) -> float:
 
 def error_cases() -> dict[str, str]:
     """Configurations the runtime refuses with a one-line AutoplanError (checked in a real process group)."""
-    from autoplan.errors import AutoplanError
     from autoplan.runtime.recipe import Recipe, apply_recipe
 
     out = {}
@@ -157,39 +155,21 @@ def error_cases() -> dict[str, str]:
         "model": ("mlp", dict(dp=4)),
     }
     for key, (name, kwargs) in tries.items():
-        try:
+        def attempt(name=name, kwargs=kwargs, key=key) -> None:
             rm = apply_recipe(build(name), Recipe(**kwargs))
             if key == "batch":
                 rm.train_step(torch.zeros(6, 8, dtype=torch.long), torch.zeros(6, 8, dtype=torch.long))
-            out[key] = "no error"
-        except AutoplanError as exc:
-            out[key] = str(exc)
-        except Exception as exc:  # noqa: BLE001 - reported
-            out[key] = f"NOT AutoplanError: {type(exc).__name__}: {exc}"
+
+        out[key] = error_of(attempt)
     return out
 
 
 def main() -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     out_path, cases = sys.argv[1], [c for c in sys.argv[2].split(";") if c]
-    seq = 32
-    gen = torch.Generator().manual_seed(1)
-    batches = []
-    for _ in range(3):
-        x = torch.randint(0, 256, (8, seq + 1), generator=gen)
-        batches.append((x[:, :-1].contiguous(), x[:, 1:].contiguous()))
-    report = []
-    for case in cases:
-        try:
-            report.append(run_case(case, batches))
-        except Exception as exc:  # noqa: BLE001 - reported per case
-            report.append({"case": case.split("|")[0], "error": f"{type(exc).__name__}: {exc}",
-                           "traceback": traceback.format_exc()[-3000:]})
-        dist.barrier()
-    report.append({"case": "errors", "errors": error_cases()})
-    if dist.get_rank() == 0:
-        with open(out_path, "w") as fh:
-            json.dump(report, fh, indent=1)
+    batches = token_batches()
+    run_cases(cases, lambda case: run_case(case, batches), out_path,
+              extra=lambda: [{"case": "errors", "errors": error_cases()}])
     dist.destroy_process_group()
 
 
