@@ -11,7 +11,7 @@ from autoplan.errors import AutoplanError
 from autoplan.graph import build_graph
 from autoplan.hardware import Cluster, load_cluster
 from autoplan.mesh import parse_mesh
-from autoplan.models import ModelSpec, resolve_model
+from autoplan.models import ModelSpec, recipe_family, resolve_model
 from autoplan.plan import Plan
 from autoplan.planner import Job, make_plan
 from autoplan.repeats import find_repeats
@@ -80,6 +80,7 @@ def prepare_job(
                 return (*spec.example_inputs(b, seq), spec.example_targets(b, seq))
 
         cap = capture(module, inputs_fn, method=capture_method)
+        family = recipe_family(module)
         label = name or spec.name
         tokens = seq if spec.kind == "lm" else None
     else:
@@ -89,11 +90,12 @@ def prepare_job(
         batch = global_batch or int(ex[0].shape[0])
         meta_model = clone_to_meta(model)
         cap = capture(meta_model, _inputs_fn_for(meta_model, ex, targets), method=capture_method)
+        family = recipe_family(model)
         label = name or type(model).__name__
         is_lm = not ex[0].dtype.is_floating_point and ex[0].dim() == 2
         tokens = int(ex[0].shape[1]) if is_lm else None
     graph = build_graph(cap)
-    return Job(label, graph, find_repeats(graph), clus, n_devices, batch, tokens)
+    return Job(label, graph, find_repeats(graph), clus, n_devices, batch, tokens, family)
 
 
 def plan(
@@ -116,14 +118,19 @@ def plan(
     capture_method: str = "auto",
     name: str | None = None,
     force: str | None = None,
-    pipeline: bool = False,
+    pipeline: bool | None = None,
     progress=None,
 ) -> Plan:
     """Plan the training of ``model`` on ``cluster``; see the README for every option.
 
     ``model`` is an ``nn.Module`` (built on the meta device to plan without weights) with its
     ``example_inputs`` (any batch size; dim 0 is the batch), or a zoo spec such as ``"gpt2"``.
+    ``pipeline``: also search pipeline configurations; by default (None) when nothing fixes the
+    layout (no ``force``, ``mesh``, ``micro_batches``, ``recompute`` or ``memory_bytes``: the
+    pipeline search chooses those itself).
     """
+    if pipeline is None:
+        pipeline = force is None and mesh is None and micro_batches is None and recompute is None and memory_bytes is None
     if dtype not in ("bf16", "fp16", "fp32"):
         raise AutoplanError(f"unknown dtype {dtype!r}: use bf16, fp16 or fp32")
     job = prepare_job(model, example_inputs, cluster=cluster, nodes=nodes, devices=devices, global_batch=global_batch,

@@ -35,7 +35,8 @@ def solver_line(summary: dict[str, Any]) -> str:
         chosen = (summary.get("execution") or {}).get("from") == "pipeline search"
         lines.append(f"pipeline {'(chosen)' if chosen else 'alternative'}: tp={c['tp']} pp={c['pp']} dp={c['dp']} "
                      f"micro-batch {c['micro_batch']} v={c['virtual_stages']} recompute {c['recompute']}: "
-                     f"{fmt_seconds(e['step_time_s'])}, MFU {100 * e['mfu']:.1f}%")
+                     f"{fmt_seconds(e['step_time_s'])}, MFU {100 * e['mfu']:.1f}%"
+                     + (f" (not run: {pipe['why_not']})" if pipe.get("executable") is False else ""))
     if summary.get("unsupported_ops"):
         lines.append("replicated (no sharding rule): " + ", ".join(summary["unsupported_ops"]))
     return "\n".join(lines)
@@ -85,13 +86,15 @@ def main() -> None:
 @click.option("--memory-gib", type=float, help="Override usable memory per device, GiB (what-if).")
 @click.option("--solver", type=click.Choice(["auto", "dp", "ilp"]), default="auto", show_default=True, help="Solver for memory-constrained problems.")
 @click.option("--no-baselines", is_flag=True, help="Skip pricing the DDP / FSDP / Megatron baselines.")
-@click.option("--pipeline", is_flag=True, help="Also search pipeline configurations (TP x PP x DP, interleaving, recompute); the plan takes the best when it is faster.")
+@click.option("--pipeline/--no-pipeline", default=None,
+              help="Also search pipeline configurations (TP x PP x DP, interleaving, recompute, ZeRO); the plan takes the "
+                   "best when it is faster. Default: on unless --mesh, --micro-batches or --memory-gib fixes the layout.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the plan JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @_fail_cleanly
 def plan_cmd(model: str, cluster: str, nodes: int | None, devices: int | None, global_batch: int, seq_len: int | None,
              dtype: str, mesh: str | None, micro_batches: str | None, memory_gib: float | None, solver: str,
-             no_baselines: bool, pipeline: bool, output: str | None, as_json: bool) -> None:
+             no_baselines: bool, pipeline: bool | None, output: str | None, as_json: bool) -> None:
     """Plan MODEL (a zoo name, family:key=value,..., path/file.py:factory or package.module:factory)."""
     from autoplan.api import plan
 

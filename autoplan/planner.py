@@ -33,6 +33,7 @@ class Job:
     devices: int
     global_batch: int
     seq_len: int | None  # tokens per sample, for tokens/s (None for non-LMs)
+    recipe_family: str | None = None  # "gpt" | "llama" when the native recipes can run the model, else None
 
 
 def model_flops_per_step(graph: OpGraph, global_batch: int) -> float:
@@ -208,7 +209,11 @@ def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = Se
         "micro_batch": best.cfg.micro_batch, "recompute": "full" if best.cfg.recompute else "none", "dtype": best.cfg.dtype,
     }
     per_op_alternative = None
-    if pipe is not None and pipe["found"] and pipe["predicted"]["fits"] and (pipe["faster_than_plan"] or not predicted.fits):
+    if pipe is not None and pipe["found"] and job.recipe_family is None:
+        # a pipeline runs only as a recipe, and no recipe knows this model: the per-op plan stays the plan
+        pipe["executable"] = False
+        pipe["why_not"] = "the recipe runtime knows the zoo's GPT and Llama only; this model runs per-op"
+    elif pipe is not None and pipe["found"] and pipe["predicted"]["fits"] and (pipe["faster_than_plan"] or not predicted.fits):
         # the pipeline configuration wins: it is the plan; the per-op solution is kept for comparison
         cfg = pipe["config"]
         per_op_alternative = {"predicted": pred, "mesh": mesh_json, "execution": execution}

@@ -95,3 +95,29 @@ def test_estimate_writes_the_fixed_configuration_as_a_plan_that_runs_as_a_recipe
     est = CliRunner().invoke(main, ["estimate", "gpt-tiny:layers=4", "--cluster", "cpu", "--pp", "2", "--dp", "2",
                                     "--global-batch", "8", "--seq-len", "32", "--dtype", "fp32", "--json"])
     assert plan.predicted.step_time_s == pytest.approx(__import__("json").loads(est.output)["step_time_s"])
+
+
+def test_a_model_no_recipe_knows_keeps_its_per_op_plan_when_a_pipeline_would_be_faster():
+    """Pipelines run only as recipes; for a model the recipes do not know (here the zoo GPT inside
+    a wrapper module) the winning pipeline configuration is reported, marked not executable."""
+    import torch
+
+    from autoplan.models import resolve_model
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.inner(tokens)
+
+    spec = resolve_model("gpt:layers=8,hidden=512,heads=8,vocab=4096,seq=512")
+    with torch.device("meta"):
+        model = Wrapper(spec.build())
+    plan = autoplan.plan(model, (torch.zeros(32, 512, dtype=torch.long, device="meta"),), cluster="dgx-a100-80gb",
+                         devices=16, global_batch=32, baselines=False)
+    pipe = plan.data["pipeline_alternative"]
+    assert pipe["found"] and pipe["faster_than_plan"]  # the same model as the pipeline test above
+    assert pipe["executable"] is False and "per-op" in pipe["why_not"]
+    assert plan.execution["runtime"] == "per-op" and plan.ops

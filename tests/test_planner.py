@@ -39,7 +39,9 @@ def test_mlp_block_under_tensor_parallel_is_column_then_row_with_no_communicatio
 
 
 def test_small_model_with_ample_memory_gets_data_parallel():
-    plan = autoplan.plan("gpt2", cluster="dgx-h100", devices=8, global_batch=64, seq_len=1024, baselines=False)
+    # the per-op search alone (the pipeline search's pp=1 answer is DDP too, with ZeRO-1, and has no ops)
+    plan = autoplan.plan("gpt2", cluster="dgx-h100", devices=8, global_batch=64, seq_len=1024, baselines=False,
+                         pipeline=False)
     assert plan.predicted.fits
     # every device computes 1/8 of the batch: matmuls and attention split along the batch on every axis
     compute = [o for o in plan.ops if o["kind"] in ("linear", "sdpa")]

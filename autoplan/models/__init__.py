@@ -11,6 +11,11 @@ from autoplan.models.llama import Llama, LlamaConfig
 from autoplan.models.registry import ModelSpec, list_models, resolve_model
 from autoplan.models.small import CNNClassifier, CNNConfig, MLPClassifier, MLPConfig
 
+
+def recipe_family(module: object) -> str | None:
+    """"gpt" or "llama" for the zoo models the native recipe runtime knows, else None."""
+    return "gpt" if isinstance(module, GPT) else "llama" if isinstance(module, Llama) else None
+
 __all__ = [
     "ModelSpec",
     "resolve_model",
@@ -23,4 +28,5 @@ __all__ = [
     "MLPConfig",
     "CNNClassifier",
     "CNNConfig",
+    "recipe_family",
 ]
