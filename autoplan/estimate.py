@@ -18,11 +18,12 @@ along the sequence inside the tensor-parallel group.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from autoplan.baselines import allow_for
+from autoplan.cost.comm import Bucket, collective_seconds
 from autoplan.cost.model import STATE_BYTES_PER_PARAM, DTYPE_BYTES, StepConfig, assemble, price_mesh
 from autoplan.errors import AutoplanError
 from autoplan.graph import OpNode, forward_flops
@@ -91,7 +92,7 @@ def _check(cfg: EstimateConfig, job: Job, layers: int) -> int:
 
 def _allow(cfg: EstimateConfig, mesh: Mesh):
     megatron = allow_for("megatron", mesh)
-    fsdp_dim0 = cfg.zero == 3
+    fsdp_dim0 = cfg.zero >= 2  # ZeRO-2 and 3 run on FSDP: parameters sharded on dp between uses
 
     def allow(node: OpNode, s: Strategy) -> bool:
         if node.kind == "param" and fsdp_dim0 and cfg.dp > 1:
@@ -123,13 +124,15 @@ class LayerCosts:
 def layer_costs(job: Job, cfg: EstimateConfig, cache: dict | None = None) -> LayerCosts:
     """The expensive part of an estimate (pricing and solving the per-layer sharding); pipeline-independent."""
     cache = {} if cache is None else cache
-    # ZeRO-1/2 change only memory and the optimizer's share (applied in ``estimate``): priced as ZeRO-0 here
-    key = ("layers", cfg.tp, cfg.dp, cfg.micro_batch, cfg.recompute, cfg.sequence_parallel, cfg.zero == 3, cfg.dtype,
-           cfg.attention)
+    # ZeRO-1 changes memory, the optimizer's share and adds the weights' all-gather (in ``estimate``): priced as
+    # ZeRO-0 here; ZeRO-2 and 3 are FSDP (sharded parameters), ZeRO-2 without the re-gather for backward
+    key = ("layers", cfg.tp, cfg.dp, cfg.micro_batch, cfg.recompute, cfg.sequence_parallel, min(cfg.zero, 1) if cfg.zero < 2
+           else cfg.zero, cfg.dtype, cfg.attention)
     if key in cache:
         return cache[key]
     mesh = Mesh((cfg.dp, cfg.tp), ("dp", "tp"))
-    step_cfg = StepConfig(cfg.dp * cfg.micro_batch, 1, cfg.recompute == "full", cfg.dtype)
+    step_cfg = StepConfig(cfg.dp * cfg.micro_batch, 1, cfg.recompute == "full", cfg.dtype,
+                          reshard_after_forward=cfg.zero == 3)
     mkey = ("mesh", mesh.shape, cfg.dtype, cfg.attention)
     if mkey not in cache:
         cache[mkey] = price_mesh(job.graph, job.tying, mesh, job.cluster, cfg.dtype, attention=cfg.attention)
@@ -184,6 +187,8 @@ def estimate(job: Job, cfg: EstimateConfig, cache: dict | None = None) -> Estima
     layers = groups[0][1] if groups else 1
     m = _check(cfg, job, layers)
     lc = layer_costs(job, cfg, cache)
+    if cfg.zero == 2:  # FSDP's communication (no re-gather); memory and compute as replicated (scaled below)
+        lc = replace(layer_costs(job, replace(cfg, zero=0), cache), sync=lc.sync)
     comp, tp, sync, opt, par, act, act_live = lc.comp, lc.tp, lc.sync, lc.opt, lc.par, lc.act, lc.act_live
     lps = -(-layers // cfg.pp)  # layers on the fullest stage (stages differ by at most one layer)
     dev = job.cluster
@@ -205,11 +210,18 @@ def estimate(job: Job, cfg: EstimateConfig, cache: dict | None = None) -> Estima
     busy = m * t_stage
     zero_shards = cfg.zero in (1, 2) and cfg.dp > 1
 
+    dp_link = dev.inter_node if cfg.tp * cfg.dp > dev.devices_per_node else dev.intra_node
+
     def stage_extra(parts: tuple[str, ...]) -> tuple[float, float, float, float]:
         s_sync = lps * sync["layer"] + sum(sync[k] for k in parts)
         s_opt = lps * opt["layer"] + sum(opt[k] for k in parts)
         s_par = lps * par["layer"] + sum(par[k] for k in parts)
         s_act = lps * act["layer"] + sum(act[k] for k in parts)
+        if cfg.zero == 1 and cfg.dp > 1:
+            # the runtime's ZeRO-1 all-reduces gradients (priced above) and then sends each updated
+            # parameter from the rank that stepped it to the others: an all-gather of the weights
+            weights = s_par / STATE_BYTES_PER_PARAM * eb
+            s_sync += collective_seconds("all_gather", weights, cfg.dp, dp_link, Bucket(unit=weights))
         return s_sync, s_opt / (cfg.dp if zero_shards else 1), s_par, s_act
 
     extras = [stage_extra(e) for e in ends]

@@ -50,6 +50,7 @@ class StepConfig:
     micro_batches: int  # gradient-accumulation steps per optimizer step
     recompute: bool  # full activation recompute of every repeated block
     dtype: str  # compute dtype: bf16 | fp16 | fp32
+    reshard_after_forward: bool = True  # FSDP gathers a sharded parameter again for backward (ZeRO-3; not ZeRO-2)
 
     @property
     def micro_batch(self) -> int:
@@ -347,7 +348,8 @@ def assemble(mp: MeshPricing, tying: Tying, cfg: StepConfig, mem_budget: float |
         if e.param:
             red = e.bwd_reduce.at(b)
             act = np.zeros_like(fwd)
-            gathers = (2 if e.regather else 1) * fwd  # FSDP: forward, and again in backward after resharding
+            # FSDP: forward, and again in backward after resharding (ZeRO-3; ZeRO-2 keeps the gathered weight)
+            gathers = (2 if e.regather and cfg.reshard_after_forward else 1) * fwd
             # a tied weight's all-reduced gradient is summed locally and reduced once; sharded ones per edge
             sync = e.weight * (m * gathers + red / e.consumers + m * (bwd - red))
         else:
