@@ -387,14 +387,13 @@ def saved_fraction(graph: OpGraph, name: str, elem_bytes: int) -> float:
     stack = [name]
     while stack:
         u = stack.pop()
-        for v in graph.dag.successors(u):
+        for _, v, data in graph.dag.out_edges(u, data=True):
             cons = graph.nodes[v]
-            poss = [d["index"] for _, w, d in graph.dag.out_edges(u, data=True) if w == v]
             if cons.kind in ALIAS_KINDS and cons.kind not in ("param", "buffer", "input", "constant"):
-                if v not in seen:
+                if v not in seen:  # a view of the output: saved if the view is
                     seen.add(v)
                     stack.append(v)
-            elif any(_reads_input(cons, pos) for pos in poss):
+            elif _reads_input(cons, data["index"]):
                 return 1.0
     if node.kind == "dropout" and float(node.attrs.get("p", node.attrs.get("arg1", 0.5)) or 0.0) > 0:
         return 1.0 / max(elem_bytes, 1)
