@@ -126,8 +126,8 @@ def layer_costs(job: Job, cfg: EstimateConfig, cache: dict | None = None) -> Lay
     cache = {} if cache is None else cache
     # ZeRO-1 changes memory, the optimizer's share and adds the weights' all-gather (in ``estimate``): priced as
     # ZeRO-0 here; ZeRO-2 and 3 are FSDP (sharded parameters), ZeRO-2 without the re-gather for backward
-    key = ("layers", cfg.tp, cfg.dp, cfg.micro_batch, cfg.recompute, cfg.sequence_parallel, min(cfg.zero, 1) if cfg.zero < 2
-           else cfg.zero, cfg.dtype, cfg.attention)
+    key = ("layers", cfg.tp, cfg.dp, cfg.micro_batch, cfg.recompute, cfg.sequence_parallel, cfg.zero if cfg.zero >= 2 else 0,
+           cfg.dtype, cfg.attention)
     if key in cache:
         return cache[key]
     mesh = Mesh((cfg.dp, cfg.tp), ("dp", "tp"))

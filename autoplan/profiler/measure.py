@@ -294,7 +294,7 @@ class _Worker:
             pm = apply(spec.build(), plan, optimizer=lambda ps: torch.optim.SGD(ps, lr=1e-3), runtime=runtime)
             steps[runtime] = self.timed(lambda: pm.train_step(inputs, targets))
         ops = sum(1 for op in plan.ops)
-        params = sum(1 for _ in spec.build().parameters()) if self.world > 1 else 0
+        params = sum(1 for _ in spec.build().parameters())
         return {"per_op_step_s": steps["per-op"], "native_step_s": steps["recipe"], "ops": float(ops),
                 "params": float(params)}
 

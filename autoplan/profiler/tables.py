@@ -213,19 +213,17 @@ class DeviceTables:
     attention: tuple[tuple[str, Curve], ...] = ()
 
     def matmul_seconds(self, dtype: str, flops: float) -> float | None:
-        for d, c in self.matmul:
-            if d == dtype:
-                return c.seconds(flops)
-        return None
+        return _seconds_of(self.matmul, dtype, flops)
 
     def attention_seconds(self, dtype: str, flops: float) -> float | None:
-        for d, c in self.attention:
-            if d == dtype:
-                return c.seconds(flops)
-        return None
+        return _seconds_of(self.attention, dtype, flops)
 
     def memory_seconds(self, nbytes: float) -> float | None:
         return None if self.memory is None else self.memory.seconds(nbytes)
+
+
+def _seconds_of(curves: tuple[tuple[str, Curve], ...], dtype: str, size: float) -> float | None:
+    return next((c.seconds(size) for d, c in curves if d == dtype), None)
 
 
 def device_tables_from_yaml(tree: Any, where: str) -> DeviceTables | None:

@@ -413,12 +413,11 @@ class ParallelModel:
             raise AutoplanError(f"module {target} was traced as a leaf: the runtime needs a flat trace")
         if target in (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default):
             return _local_sdpa(list(args), dict(kwargs), op.output if op else ())
-        if target is F.cross_entropy and isinstance(args[0], DTensor):
+        if target in (F.cross_entropy, torch.ops.aten.cross_entropy_loss.default) and isinstance(args[0], DTensor):
+            ce_args, ce_kwargs = ((list(args), dict(kwargs)) if target is F.cross_entropy
+                                  else (list(args[:2]), _aten_ce_kwargs(args[2:], kwargs)))
             with self.trace.scope("forward", node.name, node.name):  # vocab-parallel: the op's own all-reduces
-                return _local_cross_entropy(list(args), dict(kwargs))
-        if target is torch.ops.aten.cross_entropy_loss.default and isinstance(args[0], DTensor):
-            with self.trace.scope("forward", node.name, node.name):
-                return _local_cross_entropy(list(args[:2]), _aten_ce_kwargs(args[2:], kwargs))
+                return _local_cross_entropy(ce_args, ce_kwargs)
         if target in (F.dropout, torch.dropout, torch.ops.aten.dropout.default) and _is_dropout_noop(node):
             return args[0]
         if target is _WRAP_GRAD or target is _WRAP_AUTOCAST:
