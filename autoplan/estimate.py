@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from autoplan.baselines import allow_for
-from autoplan.cost.comm import Bucket, collective_seconds
+from autoplan.cost.comm import Bucket, collective_seconds, loss_report_seconds
 from autoplan.cost.model import STATE_BYTES_PER_PARAM, DTYPE_BYTES, StepConfig, assemble, price_mesh
 from autoplan.errors import AutoplanError
 from autoplan.graph import OpNode, forward_flops
@@ -55,7 +55,7 @@ class EstimateConfig:
 class Estimate:
     step_time_s: float
     compute_s: float  # per step, slowest stage, including recompute
-    comm_s: float  # tensor-parallel + pipeline p2p + data-parallel reduction, slowest stage
+    comm_s: float  # tensor-parallel + pipeline p2p + data-parallel reduction, slowest stage; the loss report
     bubble_s: float  # pipeline bubble
     optimizer_s: float
     peak_memory_bytes: float  # first stage
@@ -227,7 +227,8 @@ def estimate(job: Job, cfg: EstimateConfig, cache: dict | None = None) -> Estima
     extras = [stage_extra(e) for e in ends]
     sync_t = max(e[0] for e in extras)
     opt_t = max(e[1] for e in extras)
-    step = busy + bubble + sync_t + opt_t
+    report = loss_report_seconds(dev, job.devices)
+    step = busy + bubble + sync_t + opt_t + report
     in_flight = min(m, cfg.pp) * ((1 + (cfg.pp - 1) / (cfg.pp * v)) if v > 1 else 1)
     peaks = []
     for _, _, s_par, s_act in extras:
@@ -246,7 +247,7 @@ def estimate(job: Job, cfg: EstimateConfig, cache: dict | None = None) -> Estima
     return Estimate(
         step_time_s=step,
         compute_s=m * (lps * comp["layer"] + comp["pre"] + comp["post"]),
-        comm_s=m * (lps * tp["layer"] + tp["pre"] + tp["post"] + p2p) + sync_t,
+        comm_s=m * (lps * tp["layer"] + tp["pre"] + tp["post"] + p2p) + sync_t + report,
         bubble_s=bubble,
         optimizer_s=opt_t,
         peak_memory_bytes=peak,

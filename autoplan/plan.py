@@ -34,7 +34,7 @@ SCHEMA = "autoplan-plan/1"
 class Prediction:
     step_time_s: float  # one optimizer step (all micro-batches)
     compute_s: float  # forward + backward (+ recompute) compute
-    comm_s: float  # exposed communication (activations resharding + gradient sync + FSDP gathers)
+    comm_s: float  # exposed communication (activations resharding + gradient sync + FSDP gathers + the loss report)
     optimizer_s: float  # optimizer step
     peak_memory_bytes: float  # per device
     param_memory_bytes: float  # parameters, gradients, optimizer states

@@ -9,7 +9,7 @@ from typing import Any
 
 from autoplan import __version__
 from autoplan.baselines import allow_for, baselines
-from autoplan.cost.comm import Bucket, Collective, collective_seconds
+from autoplan.cost.comm import Bucket, Collective, collective_seconds, loss_report_seconds
 from autoplan.cost.model import BACKWARD_FACTOR, GENERIC_BATCH, edge_collectives, param_buckets
 from autoplan.errors import InfeasibleError
 from autoplan.execution import lower, pipeline_execution
@@ -49,7 +49,9 @@ def predict(job: Job, ev: Evaluated, budget: float) -> Prediction:
     comm = sum(float(act[choice[u], choice[v]] + sync[choice[u], choice[v]]) for u, v, _, act, sync in pr.edge_info)
     params = sum(float(b[s]) for b, s in zip(pr.param_bytes, choice))
     acts = sum(float(b[s]) for b, s in zip(pr.activation_bytes, choice))
-    step = ev.solution.cost
+    report = loss_report_seconds(job.cluster, job.devices)  # the same for every strategy: outside the solver
+    comm += report
+    step = ev.solution.cost + report
     peak = job.cluster.device.flops_per_s(ev.cfg.dtype)
     mfu = model_flops_per_step(job.graph, job.global_batch) / (step * job.devices * peak) if step > 0 else 0.0
     tokens = job.global_batch * job.seq_len / step if job.seq_len and step > 0 else None
@@ -138,6 +140,9 @@ def _ops_and_collectives(job: Job, ev: Evaluated) -> tuple[list, dict, dict, lis
         bucket = buckets.get(job.tying.rep[c["src"]], Bucket()) if graph.nodes[c["src"]].kind == "param" else None
         t = collective_seconds(c["kind"], c["bytes"], sizes[c["axis"]], links[c["axis"]], bucket)
         per_layer[layer]["comm_s"] += t * c["per_step"]
+    report = loss_report_seconds(job.cluster, job.devices)
+    if report:
+        per_layer["(loss report)"]["comm_s"] += report
     layers = [{"layer": k, **v} for k, v in per_layer.items()]
     return ops, params, data_inputs, colls, layers
 

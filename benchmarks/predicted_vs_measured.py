@@ -1,6 +1,6 @@
 """Predicted vs measured step time of several plans on 4 CPU ranks (issue #5).
 
-    python benchmarks/predicted_vs_measured.py [--cluster profiles/cpu-measured.yaml | --fresh-profile] [--steps 8] [--rounds 4]
+    python benchmarks/predicted_vs_measured.py [--cluster profiles/cpu-measured.yaml | --fresh-profile] [--steps 12] [--rounds 6]
 
 Re-launches itself under torchrun on 4 CPU ranks (gloo). Rank 0 makes the plans (DDP, FSDP,
 TP 4, DP 2 x TP 2, PP 2 x DP 2 (1F1B, 4 micro-batches, as ``autoplan estimate -o`` writes it),
@@ -44,9 +44,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--cluster", default=str(Path(__file__).resolve().parent.parent / "profiles" / "cpu-measured.yaml"))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=4, help="steps are taken in this many rounds over all plans")
+    p.add_argument("--rounds", type=int, default=6, help="steps are taken in this many rounds over all plans")
     p.add_argument("--nproc", type=int, default=4)
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None, help="also write the results here")

@@ -162,3 +162,25 @@ def test_per_layer_split_and_listed_collectives_add_up_to_the_predicted_step(for
     assert sum(l["comm_s"] for l in layers) == pytest.approx(plan.predicted.comm_s, rel=1e-9)
     assert plan.predicted.step_time_s == pytest.approx(
         plan.predicted.compute_s + plan.predicted.comm_s + plan.predicted.optimizer_s, rel=1e-9)
+
+
+def test_every_prediction_prices_the_loss_report_as_one_scalar_all_reduce_over_all_ranks():
+    from autoplan.api import prepare_job
+    from autoplan.cost.comm import collective_seconds
+    from autoplan.estimate import EstimateConfig, estimate
+    from autoplan.hardware import load_cluster
+
+    clus = load_cluster("dgx-h100")
+    want = collective_seconds("all_reduce", 8.0, 16, clus.inter_node)  # 16 ranks span two 8-GPU nodes
+    assert want > 0
+    plan = autoplan.plan("gpt2:layers=2", cluster="dgx-h100", devices=16, global_batch=32, seq_len=256,
+                         baselines=False, pipeline=False)
+    layers = {l["layer"]: l for l in plan.data["predicted"]["per_layer"]}
+    assert layers["(loss report)"]["comm_s"] == pytest.approx(want, rel=1e-12)
+    job = prepare_job("gpt2:layers=2", cluster="dgx-h100", devices=16, global_batch=32, seq_len=256)
+    est = estimate(job, EstimateConfig(dp=16, micro_batch=2))  # the recipe's step, as ``estimate`` prices it
+    assert est.comm_s >= want
+    assert est.step_time_s == pytest.approx(est.compute_s + est.comm_s + est.bubble_s + est.optimizer_s, rel=1e-9)
+    single = autoplan.plan("gpt2:layers=2", cluster="dgx-h100", devices=1, global_batch=4, seq_len=256,
+                           baselines=False, pipeline=False)
+    assert "(loss report)" not in {l["layer"] for l in single.data["predicted"]["per_layer"]}  # one rank: nothing to reduce

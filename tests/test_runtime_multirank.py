@@ -93,6 +93,7 @@ def test_collectives_as_priced(report, case):
     assert_as_priced(b)
     if case.split(":")[1] == "ddp":
         assert b["buckets"] and b["issued"] < c["issued"]  # DDP: fewer, larger all-reduces
+    assert r["loss_report"] == [1, 1]  # the step's loss: one all-reduce over all ranks, as priced
 
 
 @pytest.mark.skipif(not HF, reason="transformers is not installed (pip install autoplan[hf])")

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from autoplan.hardware import Link
+from autoplan.hardware import Cluster, Link
 from autoplan.strategies.placement import Partial, Placement, Placements, Replicate, Shard
 
 
@@ -68,6 +68,16 @@ def collective_seconds(kind: str, nbytes: float, n: int, link: Link, bucket: Buc
             return t
     factor = 2.0 * (n - 1) / n if kind == "all_reduce" else (n - 1) / n
     return factor * nbytes / link.effective_bytes_per_s + latency_steps(kind, n) * link.latency_s
+
+
+REPORT_BYTES = 8.0  # the step's loss, one float64
+
+
+def loss_report_seconds(cluster: Cluster, world: int) -> float:
+    """Seconds a step spends reporting its loss: ``train_step`` returns the global mean loss, which
+    every rank gets by one all-reduce of a scalar over all ranks (both runtimes issue exactly this)."""
+    link = cluster.inter_node if world > cluster.devices_per_node else cluster.intra_node
+    return collective_seconds("all_reduce", REPORT_BYTES, world, link)
 
 
 def _local_bytes(shape: tuple[int, ...], elem_bytes: int, placements: Placements, mesh_shape: tuple[int, ...]) -> float:

@@ -63,6 +63,8 @@ COLL_SIZES = {"quick": [4 * KIB, 64 * KIB, 1 * MIB],
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 BUDGET_S = {"quick": 0.01, "cpu": 0.25, "cuda": 0.1}  # time per measurement (after warm-up)
 MAX_REPS = {"quick": 3, "cpu": 20, "cuda": 50}
+CHUNK_MM = 256  # square matmul between collectives on CPU ranks: ~1 ms per rank with 4 ranks on 2 cores
+MIN_COLLECTIVE_S = 1e-6  # a difference of two noisy timings is kept positive
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -89,6 +91,8 @@ class _Worker:
         self.backend = backend
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.step, self.total = 0, 0
+        self._chunk: Callable[[], Any] | None = None  # compute between collectives (``in_step``)
+        self._chunk_s: dict[Any, float] = {}
 
     # -- helpers
     def sync(self) -> None:
@@ -319,6 +323,27 @@ class _Worker:
         dtensor = self.timed(lambda: chain(dt), combine="median") / ops
         return {"plain_op_s": plain, "dtensor_op_s": dtensor}
 
+    def in_step(self, fn: Callable[[], Any], group=None) -> float:
+        """Seconds ``fn`` (a collective) costs when issued between compute, as in a training step.
+
+        On CPU ranks sharing cores, a rank waiting in a gloo collective spins for a while, taking
+        CPU from the rank it waits for: a collective costs more between compute than back to back.
+        So each call follows a matmul of about a millisecond on every rank (the compute between two
+        collectives of a per-op step), and the matmul alone is subtracted. GPUs (NCCL on its own
+        stream, no shared cores): timed back to back.
+        """
+        if self.cuda:
+            return self.timed(fn, group=group)
+        if self._chunk is None:
+            a = self.torch.randn(CHUNK_MM, CHUNK_MM)
+            b = self.torch.randn(CHUNK_MM, CHUNK_MM)
+            self._chunk = lambda: self.torch.mm(a, b)  # noqa: E731
+        if group not in self._chunk_s:
+            self._chunk_s[group] = self.timed(self._chunk, group=group)
+        chunk = self._chunk
+        both = self.timed(lambda: (chunk(), fn()), group=group)
+        return max(both - self._chunk_s[group], MIN_COLLECTIVE_S)
+
     def _collective(self, kind: str, g: int, group, sizes: list[int]) -> Any:
         torch, dist = self.torch, self.dist
         rows = []
@@ -341,7 +366,7 @@ class _Worker:
                 else:  # all_to_all: the single-tensor form (gloo lacks the list form with uneven sizes)
                     x, y = torch.ones(numel, device=self.device), torch.empty(numel, device=self.device)
                     fn = lambda: dist.all_to_all_single(y, x, group=group)  # noqa: E731
-                s = self.timed(fn, group=group)
+                s = self.in_step(fn, group=group)
             except (RuntimeError, NotImplementedError, ValueError) as exc:
                 for _ in sizes[len(rows) + 1:]:
                     self.progress(f"{kind} {g} ranks (skipped)")
@@ -370,7 +395,7 @@ class _Worker:
                     dist.recv(x, partner)
                     dist.send(x, partner)
 
-            s = self.timed(pingpong) / 2.0
+            s = self.in_step(pingpong) / 2.0
             rows.append({"bytes": float(size), "seconds": s})
         return rows
 
@@ -565,7 +590,9 @@ def build_profile(raw: dict[str, Any], name: str, date: str | None = None) -> di
                            "bytes_per_s": [_r(r["bytes_per_s"]) for r in mem_rows]},
             },
             "links": {
-                "intra_node": {"source": f"{ms}: collectives on every group size of the meshes {n} ranks form {tag}",
+                "intra_node": {"source": (f"{ms}: collectives on every group size of the meshes {n} ranks form"
+                                          + (f", each between {CHUNK_MM}^3 matmuls on every rank as in a step "
+                                             "(matmul alone subtracted)" if cpu else "") + f" {tag}"),
                                "collectives": link_tree},
                 "inter_node": {"same_as": "intra_node", "source": same},
             },

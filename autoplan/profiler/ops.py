@@ -20,7 +20,8 @@ Interface for the cost model:
   (``MeasuredCompute.at(b)``: exact at the profiled micro-batch, proportional elsewhere). Ops or
   strategies with no entry keep the cost model's value.
 
-Timings are wall-clock on a shared machine: noisy; they are medians of a few repetitions.
+Timings are wall-clock on a shared machine: noisy; they are medians of a few repetitions, each
+after the CPU caches are evicted (``_Flush``), as an op finds them in a training step.
 """
 from __future__ import annotations
 
@@ -198,14 +199,42 @@ def _runner(node: OpNode, xs: list[torch.Tensor], out_shape: tuple[int, ...]) ->
     return None
 
 
+FLUSH_BYTES = 32 * 2**20  # written before each timed CPU call: a server CPU's last-level cache
+FLUSHED_REPS = 7  # timed calls per op on the CPU, each after a flush (the flush costs more than most ops)
+
+
+@dataclass
+class _Flush:
+    """Evicts the caches before a timed call on the CPU: in a training step an op's weights were last
+    touched a whole step ago and its inputs by other ops (and, with ranks sharing cores, other
+    processes), so a call on warm caches (the same inputs again and again) is too fast; memory-bound
+    ops most (2-2.5x here for an elementwise op of a few MiB)."""
+
+    buf: torch.Tensor | None = None
+
+    def __call__(self) -> None:
+        if torch.cuda.is_available():
+            return
+        if self.buf is None:
+            self.buf = torch.empty(FLUSH_BYTES // 4)
+        self.buf.fill_(1.0)
+
+
+_flush = _Flush()
+
+
 def _time(fn: Callable[[], Any], budget_s: float, max_reps: int) -> float:
     fn()  # warm-up (allocator, one-time kernel set-up)
+    _flush()
     t0 = time.perf_counter()
     fn()
     one = time.perf_counter() - t0
     reps = int(min(max_reps, max(1, math.ceil(budget_s / max(one, 1e-7)))))
+    if not torch.cuda.is_available():
+        reps = min(reps, FLUSHED_REPS)
     samples = [one]
     for _ in range(reps - 1):
+        _flush()
         t0 = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t0)

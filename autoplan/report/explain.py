@@ -870,6 +870,7 @@ def candidates(data: dict[str, Any], name: str) -> tuple[list[dict[str, Any]], s
     """
     import numpy as np
 
+    from autoplan.cost.comm import loss_report_seconds
     from autoplan.cost.model import BACKWARD_FACTOR as BF, assemble, price_mesh
     from autoplan.strategies.placement import format_placements
 
@@ -891,7 +892,10 @@ def candidates(data: dict[str, Any], name: str) -> tuple[list[dict[str, Any]], s
         choice.append(k)
     note = None
     cost, mem = pr.problem.evaluate(choice)
-    planned = float((data.get("predicted") or {}).get("step_time_s") or 0.0)
+    pred = data.get("predicted") or {}
+    # the solver's cost, plus what every strategy pays alike: the loss report and the per-op runtime's overhead
+    cost += loss_report_seconds(clus, int(data.get("world_size") or mesh.size)) + float(pred.get("runtime_overhead_s") or 0.0)
+    planned = float(pred.get("step_time_s") or 0.0)
     if unmatched or (planned and abs(cost - planned) > 1e-6 * planned + 1e-12):
         note = (f"re-priced step time {fmt_seconds(cost)} differs from the plan's {fmt_seconds(planned)}"
                 + (f" ({unmatched} ops not matched)" if unmatched else "") + ": the cost model or profile changed since planning")

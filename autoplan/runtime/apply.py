@@ -664,7 +664,7 @@ class ParallelModel:
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.full_tensor())
+        return global_loss(loss)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Unsharded parameters and buffers, on every rank (collective: call it on all ranks)."""
@@ -675,6 +675,25 @@ class ParallelModel:
 
     def full_grads(self) -> dict[str, torch.Tensor]:
         return {n: p.grad.full_tensor() for n, p in self.params.items() if p.grad is not None}
+
+
+def global_loss(loss: DTensor) -> float:
+    """The global mean of a scalar DTensor loss in ONE all-reduce over all ranks, as the cost model
+    prices the step's loss report (``full_tensor`` would all-reduce once per partial mesh axis)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Partial
+
+    mesh = loss.device_mesh
+    if loss.ndim or mesh.size() != dist.get_world_size() or mesh.size() == 1:
+        return float(loss.full_tensor())
+    value = loss.to_local().detach().double().reshape(())
+    for size, p in zip(mesh.shape, loss.placements):
+        if isinstance(p, DReplicate) or (isinstance(p, Partial) and p.reduce_op == "avg"):
+            value = value / size  # the world sum counts a replicated value once per rank of this axis
+        elif not (isinstance(p, Partial) and p.reduce_op == "sum"):
+            return float(loss.full_tensor())
+    dist.all_reduce(value)
+    return float(value)
 
 
 def apply(model: nn.Module, plan: Plan | str, *, optimizer: OptimizerFactory | None = None,
