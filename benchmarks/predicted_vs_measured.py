@@ -249,7 +249,8 @@ def main() -> None:
             argv += ["--workdir", tmp]
         if args.fresh_profile:  # the machine as it is now (a shared VM drifts): measured before any plan runs
             fresh = str(Path(tmp) / "fresh.yaml")
-            rc = subprocess.call([sys.executable, "-m", "autoplan.cli", "profile", "--nproc", str(args.nproc), "-o", fresh])
+            rc = subprocess.call([sys.executable, "-m", "autoplan.cli", "profile", "--nproc", str(args.nproc), "--repeat", "3",
+                                  "-o", fresh])
             if rc:
                 sys.exit(rc)
             argv += ["--cluster", fresh]

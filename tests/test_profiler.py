@@ -81,7 +81,8 @@ def quick_profile(tmp_path_factory):
     from autoplan.profiler.command import profile_command
 
     out = tmp_path_factory.mktemp("prof") / "quick.yaml"
-    res = CliRunner().invoke(profile_command, ["--quick", "--nproc", "2", "-o", str(out)], catch_exceptions=False)
+    res = CliRunner().invoke(profile_command, ["--quick", "--nproc", "2", "--repeat", "2", "-o", str(out)],
+                             catch_exceptions=False)
     assert res.exit_code == 0, res.output
     return out, res.output
 
@@ -106,6 +107,8 @@ def test_quick_profile_writes_a_loadable_profile_with_sources(quick_profile):
         assert isinstance(node["value"], (int, float)), path
         assert node["source"].startswith(("measured here:", "measured", "assumed")), (path, node["source"])
     assert tree["device"]["peak_flops_per_s"]["fp32"]["source"].startswith("measured here:")
+    assert "median of 2 passes" in tree["device"]["peak_flops_per_s"]["fp32"]["source"]
+    assert "between 256^3 matmuls" in tree["measured"]["links"]["intra_node"]["source"]  # collectives as in a step
     assert tree["links"]["inter_node"]["bandwidth_bytes_per_s"]["source"].startswith("assumed")
     colls = tree["measured"]["links"]["intra_node"]["collectives"]
     assert set(colls) >= {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv"}
@@ -126,6 +129,23 @@ def test_quick_profile_writes_a_loadable_profile_with_sources(quick_profile):
     assert describe_sources(cl)["matmul"] == "measured"
     assert cl.device.measured.matmul_seconds("fp32", 1e9) > 0
     assert cl.device.measured.attention_seconds("fp32", 1e9) > 0  # fused attention, forward + backward
+
+
+def test_passes_combine_to_the_median_of_each_number_and_keep_everything_else():
+    from autoplan.profiler.measure import median_of_passes
+
+    passes = [
+        {"meta": {"host": "a", "world": 4}, "matmul": {"fp32": [{"shape": [64, 64, 64], "seconds": s}]},
+         "collectives": {"2": {"all_to_all": rows}}}
+        for s, rows in ((3.0, [{"bytes": 4096.0, "seconds": 0.5}]), (1.0, {"unsupported": "no"}),
+                        (2.0, [{"bytes": 4096.0, "seconds": 0.1}]))
+    ]
+    got = median_of_passes(passes)
+    assert got["meta"] == {"host": "a", "world": 4}
+    assert got["matmul"]["fp32"] == [{"shape": [64, 64, 64], "seconds": 2.0}]
+    # a pass where a collective failed does not join the others' medians: the two that ran
+    assert got["collectives"]["2"]["all_to_all"] == [{"bytes": 4096.0, "seconds": 0.1}]  # lower median of 2
+    assert median_of_passes(passes[:1]) is passes[0]
 
 
 # ------------------------------------------------------------- measured tables in the cost model

@@ -44,8 +44,10 @@ def _summary(tree: dict, seconds: float, out: Path) -> str:
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False), required=True,
               help="Profile to write, e.g. profiles/my-machine.yaml.")
 @click.option("--name", default=None, help="Profile name [default: the output file's stem].")
+@click.option("--repeat", type=click.IntRange(1, 9), default=1, show_default=True,
+              help="Measure this many times and keep each number's median (a shared machine drifts).")
 @fail_cleanly
-def profile_command(nproc: int | None, quick: bool, output: str, name: str | None) -> None:
+def profile_command(nproc: int | None, quick: bool, output: str, name: str | None, repeat: int) -> None:
     """Measure this machine (matmul, memory bandwidth, collectives) and write a profile.
 
     Launches NPROC ranks with torchrun (CPU ranks over gloo, or one GPU per rank over NCCL)
@@ -78,7 +80,7 @@ def profile_command(nproc: int | None, quick: bool, output: str, name: str | Non
 
     click.echo(f"profiling {nproc} rank(s){' (quick)' if quick else ''}: starting torchrun ...", err=True)
     try:
-        tree, seconds = run_profile(nproc, quick, out, name, on_progress)
+        tree, seconds = run_profile(nproc, quick, out, name, on_progress, repeat)
     except ProfileError as exc:
         raise ProfileFailed(str(exc)) from None
     finally:

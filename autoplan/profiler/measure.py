@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -495,6 +496,9 @@ def build_profile(raw: dict[str, Any], name: str, date: str | None = None) -> di
     tag = f"({date}{', --quick' if quick else ''})"
     where = (f"{n} CPU ranks over gloo, {threads} thread(s) each, on {meta.get('cpu_count')} cores" if cpu
              else f"{n} GPUs ({meta['device']}) over NCCL")
+    passes = int(meta.get("passes", 1))
+    if passes > 1:
+        where += f", median of {passes} passes"
     ms = f"measured here: {where}"
 
     matmul_tree, peaks = {}, {}
@@ -580,6 +584,7 @@ def build_profile(raw: dict[str, Any], name: str, date: str | None = None) -> di
             "ranks": {"value": n, "source": f"measured here: ranks launched by torchrun {tag}"},
             "threads_per_rank": {"value": threads, "source": f"measured here: torch.get_num_threads() in each rank {tag}"},
             "mode": "quick" if quick else "full",
+            "passes": {"value": passes, "source": f"measured here: each number is the median over this many passes {tag}"},
             "note": ("Curves are raw measurements; the cost model smooths them (rates non-decreasing in size, "
                      "times non-decreasing) and interpolates in log-space. Noisy: shared machine, few repetitions."),
             "device": {
@@ -671,13 +676,40 @@ def dump_profile(tree: dict[str, Any]) -> str:
     return yaml.dump(mark(tree), Dumper=Dumper, sort_keys=False, width=200)
 
 
+def median_of_passes(raws: list[Any]) -> Any:
+    """Several measurement passes combined leaf by leaf: the median of each number (the lower
+    median, so an even count still gives a measured value), the first pass's everything else."""
+    first = raws[0]
+    if len(raws) == 1:
+        return first
+    if isinstance(first, dict):
+        same = [r for r in raws if isinstance(r, dict) and r.keys() == first.keys()]
+        return {k: median_of_passes([r[k] for r in same]) for k in first}
+    if isinstance(first, list):
+        same = [r for r in raws if isinstance(r, list) and len(r) == len(first)]
+        return [median_of_passes([r[i] for r in same]) for i in range(len(first))]
+    if isinstance(first, float) and all(isinstance(r, (int, float)) for r in raws):
+        return statistics.median_low(raws)
+    return first
+
+
 def run_profile(nproc: int, quick: bool, out: str | Path, name: str | None = None,
-                on_progress: Callable[[int, int, str], None] | None = None) -> tuple[dict[str, Any], float]:
-    """Measure, write ``out``, check it loads; return (profile tree, wall seconds)."""
+                on_progress: Callable[[int, int, str], None] | None = None,
+                repeat: int = 1) -> tuple[dict[str, Any], float]:
+    """Measure (``repeat`` passes, combined by ``median_of_passes``), write ``out``, check it loads;
+    return (profile tree, wall seconds)."""
     from autoplan.hardware import load_cluster
 
     t0 = time.monotonic()
-    raw = run_workers(nproc, quick, on_progress)
+    repeat = max(1, repeat)
+
+    def progress_of(k: int) -> Callable[[int, int, str], None] | None:
+        if on_progress is None or repeat == 1:
+            return on_progress
+        return lambda i, total, label: on_progress(i + k * total, total * repeat, f"pass {k + 1}/{repeat}: {label}")
+
+    raw = median_of_passes([run_workers(nproc, quick, progress_of(k)) for k in range(repeat)])
+    raw["meta"]["passes"] = repeat
     out = Path(out)
     tree = build_profile(raw, name or out.stem)
     out.parent.mkdir(parents=True, exist_ok=True)
