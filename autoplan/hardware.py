@@ -52,6 +52,9 @@ class Device:
     # tensor and for a sharded DTensor (FSDP, tensor parallel); measured by `autoplan profile`, else 0
     optimizer_tensor_s: float = 0.0
     optimizer_dtensor_s: float = 0.0
+    # per collective a planned move of the per-op runtime issues (``runtime.moves.move``): its DTensor and
+    # functional-collective machinery beyond the collective itself; measured by `autoplan profile`, else 0
+    reshard_overhead_s: float = 0.0
 
     @property
     def usable_memory_bytes(self) -> float:
@@ -160,7 +163,7 @@ def cluster_from_dict(tree: dict[str, Any], where: str = "<dict>") -> Cluster:
         matmul_efficiency=_num(tree, "device.matmul_efficiency", sources, where),
         memory_efficiency=_num(tree, "device.memory_efficiency", sources, where),
         **{k: _num(tree, f"device.{k}", sources, where)
-           for k in ("dtensor_dispatch_s", "optimizer_tensor_s", "optimizer_dtensor_s") if k in dev},
+           for k in ("dtensor_dispatch_s", "optimizer_tensor_s", "optimizer_dtensor_s", "reshard_overhead_s") if k in dev},
     )
     m_dev, m_intra, m_inter = _measured(tree, where)  # measured: (issue #5)
     if m_dev is not None:

@@ -5,7 +5,7 @@ import datetime as _dt
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Iterator
 
 from autoplan import __version__
 from autoplan.baselines import allow_for, baselines
@@ -19,6 +19,7 @@ from autoplan.mesh import Mesh
 from autoplan.plan import SCHEMA, Plan, Prediction
 from autoplan.repeats import Tying
 from autoplan.search import Evaluated, SearchOptions, memory_budget, search
+from autoplan.strategies.expand import Strategy
 from autoplan.strategies.placement import Shard, format_placements
 
 
@@ -107,24 +108,10 @@ def _ops_and_collectives(job: Job, ev: Evaluated) -> tuple[list, dict, dict, lis
             "output": format_placements(st.out), "compute_s": compute,
             "activation_bytes": float(pr.activation_bytes[i][s]) / count,
         })
-    colls = []
     axis = mesh.axis_names
     m = cfg.micro_batches
-    reduced: set[str] = set()
-    for u, v, data in graph.dag.edges(data=True):
-        pos = data["index"]
-        src = graph.nodes[u]
-        fwd, bwd = edge_collectives(src, chosen[u], chosen[v], pos, cfg.micro_batch, mesh, cfg.dtype)
-        regather = ()
-        if src.kind == "param":
-            if needs_value_in_backward(graph.nodes[v], pos):
-                regather = fwd  # FSDP reshards after forward: gathers again for this backward
-            if u in reduced:  # a tied weight's all-reduced gradients are summed locally and reduced once
-                bwd = tuple(c for c in bwd if c.kind != "all_reduce")
-            reduced.add(u)
-        for phase, cs in (("forward", fwd), ("backward", regather), ("backward", bwd)):
-            for c in cs:
-                colls.append(_coll(c, axis, phase, u, v, pos, src.kind == "param", m))
+    colls = [_coll(c, axis, phase, u, v, pos, graph.nodes[u].kind == "param", m)
+             for phase, c, u, v, pos in edge_moves(job, ev, chosen)]
     for name, node in graph.nodes.items():
         for kind, ax, nbytes in chosen[name].comm:
             colls.append({"phase": "forward", "kind": kind, "axis": axis[ax], "bytes": nbytes * cfg.micro_batch / GENERIC_BATCH,
@@ -145,6 +132,28 @@ def _ops_and_collectives(job: Job, ev: Evaluated) -> tuple[list, dict, dict, lis
         per_layer["(loss report)"]["comm_s"] += report
     layers = [{"layer": k, **v} for k, v in per_layer.items()]
     return ops, params, data_inputs, colls, layers
+
+
+def edge_moves(job: Job, ev: Evaluated, chosen: dict[str, Strategy] | None = None) -> Iterator[tuple[str, Collective, str, str, int]]:
+    """(phase, collective, producer, consumer, input position) of every collective an edge's
+    resharding needs, per micro-batch, as the cost model priced them."""
+    graph, mesh, cfg = job.graph, ev.mesh, ev.cfg
+    chosen = _chosen(job, ev) if chosen is None else chosen
+    reduced: set[str] = set()
+    for u, v, data in graph.dag.edges(data=True):
+        pos = data["index"]
+        src = graph.nodes[u]
+        fwd, bwd = edge_collectives(src, chosen[u], chosen[v], pos, cfg.micro_batch, mesh, cfg.dtype)
+        regather = ()
+        if src.kind == "param":
+            if needs_value_in_backward(graph.nodes[v], pos):
+                regather = fwd  # FSDP reshards after forward: gathers again for this backward
+            if u in reduced:  # a tied weight's all-reduced gradients are summed locally and reduced once
+                bwd = tuple(c for c in bwd if c.kind != "all_reduce")
+            reduced.add(u)
+        for phase, cs in (("forward", fwd), ("backward", regather), ("backward", bwd)):
+            for c in cs:
+                yield phase, c, u, v, pos
 
 
 def _coll(c: Collective, axis_names, phase: str, u: str, v: str, pos: int, param: bool, m: int) -> dict[str, Any]:
@@ -255,8 +264,10 @@ def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = Se
 
 def engine_overhead(job: Job, ev: Evaluated) -> float:
     """Seconds per step the per-op runtime adds: its DTensor dispatch (``dtensor_dispatch_s``, measured
-    by ``autoplan profile``; 0 on profiles without it) for every op, forward and backward, per micro-batch,
-    and the optimizer's DTensor cost for the parameters the cost model priced as plain (replicated) tensors."""
+    by ``autoplan profile``; 0 on profiles without it) for every op, forward and backward, per micro-batch;
+    its planned moves' machinery beyond the collectives (``reshard_overhead_s``) for every collective a
+    move issues; and the optimizer's DTensor cost for the parameters the cost model priced as plain
+    (replicated) tensors."""
     dev = job.cluster.device
     ops = sum(1 for n in job.graph.nodes.values() if n.kind not in ("param", "buffer", "input"))
     # the cost model prices a replicated parameter's optimizer step as a plain tensor's (DDP); the
@@ -264,7 +275,14 @@ def engine_overhead(job: Job, ev: Evaluated) -> float:
     chosen = _chosen(job, ev) if dev.optimizer_dtensor_s > dev.optimizer_tensor_s else {}
     replicated = sum(1 for k, n in job.graph.nodes.items()
                      if n.kind == "param" and k in chosen and not any(isinstance(p, Shard) for p in chosen[k].out))
-    return ops * ev.cfg.micro_batches * dev.dtensor_dispatch_s + replicated * (dev.optimizer_dtensor_s - dev.optimizer_tensor_s)
+    moves = 0.0
+    if dev.reshard_overhead_s:  # the collectives ``runtime.moves.move`` issues (gradient all-reduces go in buckets)
+        table = dev.measured.reshard_seconds if dev.measured is not None and dev.measured.reshard else None
+        moves = sum(table(ev.mesh.shape[c.axis]) if table else dev.reshard_overhead_s
+                    for phase, c, u, _, _ in edge_moves(job, ev)
+                    if not (phase == "backward" and c.kind == "all_reduce" and job.graph.nodes[u].kind == "param"))
+    return (ops * ev.cfg.micro_batches * dev.dtensor_dispatch_s + moves * ev.cfg.micro_batches
+            + replicated * (dev.optimizer_dtensor_s - dev.optimizer_tensor_s))
 
 
 def _native_if_faster(job: Job, best: Evaluated, options: SearchOptions, cache: dict, budget: float) -> Evaluated:

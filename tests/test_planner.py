@@ -184,3 +184,33 @@ def test_every_prediction_prices_the_loss_report_as_one_scalar_all_reduce_over_a
     single = autoplan.plan("gpt2:layers=2", cluster="dgx-h100", devices=1, global_batch=4, seq_len=256,
                            baselines=False, pipeline=False)
     assert "(loss report)" not in {l["layer"] for l in single.data["predicted"]["per_layer"]}  # one rank: nothing to reduce
+
+
+def test_per_op_overhead_prices_every_planned_move_at_its_group_size(tmp_path):
+    """The per-op runtime's overhead: DTensor dispatch per op, plus, per collective a planned move
+    issues (not the bucketed gradient all-reduces, not an op's own), the measured cost of the move's
+    machinery at the group size of the axis it crosses."""
+    import yaml
+
+    from autoplan.hardware import PROFILES_DIR, load_cluster
+
+    tree = yaml.safe_load((PROFILES_DIR / "cpu-measured.yaml").read_text())
+    tree["measured"]["device"]["reshard"] = {"group_sizes": [2, 4], "seconds": [0.001, 0.01]}
+    with_moves = tmp_path / "moves.yaml"
+    with_moves.write_text(yaml.safe_dump(tree))
+    tree["device"]["reshard_overhead_s"]["value"] = 0.0
+    without = tmp_path / "none.yaml"
+    without.write_text(yaml.safe_dump(tree))
+    kw = dict(devices=4, global_batch=8, seq_len=64, dtype="fp32", baselines=False, force="megatron", mesh="dp=2,tp=2",
+              micro_batches=[1], recompute=False, pipeline=False)
+    a = autoplan.plan("gpt-tiny:layers=2", cluster=str(with_moves), **kw)
+    b = autoplan.plan("gpt-tiny:layers=2", cluster=str(without), **kw)
+    assert a.data["execution"]["runtime"] == "per-op" and a.params == b.params  # same layout, priced twice
+    sizes = dict(zip(a.data["mesh"]["axis_names"], a.data["mesh"]["shape"]))
+    params = {c["src"] for c in a.data["collectives"] if c["src"].startswith("model_")}
+    want = sum({2: 0.001, 4: 0.01}[sizes[c["axis"]]] * c["per_step"] for c in a.data["collectives"]
+               if c["input"] >= 0 and not (c["phase"] == "backward" and c["kind"] == "all_reduce" and c["src"] in params))
+    assert want > 0
+    extra = a.data["predicted"]["runtime_overhead_s"] - b.data["predicted"]["runtime_overhead_s"]
+    assert extra == pytest.approx(want, rel=1e-9)
+    assert load_cluster(with_moves).device.measured.reshard_seconds(2) == 0.001

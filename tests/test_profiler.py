@@ -253,6 +253,19 @@ def test_bad_measured_section_is_a_one_line_error():
     base["measured"] = {"device": {"matmul": {"fp32": {"flops": [1, 2], "flops_per_s": [1]}}}}
     with pytest.raises(UnknownClusterError, match="measured"):
         cluster_from_dict(base, "bad")
+    base["measured"] = {"device": {"memory": {"bytes": [1e6], "bytes_per_s": [1e9]},
+                                   "reshard": {"group_sizes": [2, 4], "seconds": [1e-3]}}}
+    with pytest.raises(UnknownClusterError, match="reshard"):
+        cluster_from_dict(base, "bad")
+
+
+def test_move_overhead_is_looked_up_at_the_nearest_measured_group_size():
+    cl = load_cluster(PROFILES_DIR / "cpu-measured.yaml")
+    table = dict(cl.device.measured.reshard)
+    assert set(table) == {2, 4} and cl.device.reshard_overhead_s == table[4]  # the summary is the world's
+    assert cl.device.measured.reshard_seconds(2) == table[2]
+    assert cl.device.measured.reshard_seconds(3) == table[4]  # nearest in log space
+    assert cl.device.measured.reshard_seconds(64) == table[4]
 
 
 # ------------------------------------------------------------------------- op-level cache

@@ -177,7 +177,7 @@ class _Worker:
         att = ATTENTION_SHAPES[self.mode]
         self.total = sum(len(v) for v in shapes.values()) + len(att) * len(shapes) + len(copies) + len(gsizes) * len(KINDS) * len(csizes)
         self.total += len(csizes) if self.world > 1 else 0
-        self.total += 3  # DTensor dispatch, optimizer per tensor, per-op runtime vs native
+        self.total += 4  # DTensor dispatch, optimizer per tensor, per-op runtime vs native, planned move
         out: dict[str, Any] = {
             "meta": {
                 "world": self.world, "backend": self.backend, "device": self._device_name(),
@@ -220,6 +220,8 @@ class _Worker:
         out["optimizer"] = self._optimizer()
         self.progress("per-op runtime vs native, one small GPT step")
         out["engine"] = self._engine()
+        self.progress("per-op runtime: a planned move vs its collective")
+        out["reshard"] = self._reshard()
         return out
 
     def _attention(self, dname: str, shapes: list[tuple[int, int, int, int]]) -> list[dict[str, Any]]:
@@ -302,6 +304,43 @@ class _Worker:
         params = sum(1 for _ in spec.build().parameters())
         return {"per_op_step_s": steps["per-op"], "native_step_s": steps["recipe"], "ops": float(ops),
                 "params": float(params)}
+
+    def _reshard(self) -> dict[str, dict[str, float]] | None:
+        """What a planned move of the per-op runtime (``runtime.moves.move``: DTensor, functional
+        collectives, the pieces' copies) costs beyond the collective it issues, per group size (the
+        inner axis of a (world / g, g) mesh, as the collectives are measured): all-to-all
+        (S(0) -> S(1)), all-gather (S(0) -> R) and all-reduce (P -> R), each timed in a step
+        (``in_step``) as the move and as the bare collective on the same bytes."""
+        if self.world < 2 or self.device.type != "cpu":
+            return None
+        torch, dist = self.torch, self.dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+        from autoplan.runtime.moves import move
+
+        out = {}
+        for g in self.group_sizes():
+            mesh = init_device_mesh("cpu", (self.world // g, g))
+            group = mesh.get_group(1)
+            keep = Replicate()
+            sharded = distribute_tensor(torch.randn(32 * g, 32 * g), mesh, [keep, Shard(0)])
+            partial = DTensor.from_local(torch.randn(32 * g, 32 * g), mesh, [keep, Partial()], run_check=False)
+            local = sharded.to_local()
+            recv, gathered, full = torch.empty_like(local), torch.empty(g * local.numel()), torch.randn(32 * g, 32 * g)
+            pairs = {
+                "all_to_all": (lambda: move(sharded, (keep, Shard(1))),
+                               lambda: dist.all_to_all_single(recv, local, group=group)),
+                "all_gather": (lambda: move(sharded, (keep, Replicate())),
+                               lambda: dist.all_gather_into_tensor(gathered, local.reshape(-1), group=group)),
+                "all_reduce": (lambda: move(partial, (keep, Replicate())), lambda: dist.all_reduce(full, group=group)),
+            }
+            row = {}
+            for kind, (planned, bare) in pairs.items():
+                row[f"{kind}_move_s"] = self.in_step(planned, group=group)
+                row[f"{kind}_bare_s"] = self.in_step(bare, group=group)
+            out[str(g)] = row
+        return out
 
     def _dispatch(self, ops: int = 50) -> dict[str, float]:
         """Seconds per op of a chain of tiny elementwise ops (forward + backward), as plain tensors and
@@ -523,6 +562,7 @@ def build_profile(raw: dict[str, Any], name: str, date: str | None = None) -> di
     mem_bw = {"value": _r(big["bytes_per_s"]), "source": (
         f"{ms}: tensor copy of {_fmt_bytes(big['bytes'] / 2)} (read + write), per rank with all ranks copying {tag}")}
 
+    reshard = reshard_overheads(raw)
     colls = raw.get("collectives", {})
     link_tree: dict[str, Any] = {}
     for g, kinds in colls.items():
@@ -591,6 +631,8 @@ def build_profile(raw: dict[str, Any], name: str, date: str | None = None) -> di
                 "source": f"{ms} {tag}",
                 "matmul": matmul_tree,
                 **({"attention": attention_tree} if attention_tree else {}),
+                **({"reshard": {"group_sizes": sorted(reshard), "seconds": [_r(reshard[g]) for g in sorted(reshard)]}}
+                   if reshard else {}),
                 "memory": {"bytes": [int(r["bytes"]) for r in mem_rows],
                            "bytes_per_s": [_r(r["bytes_per_s"]) for r in mem_rows]},
             },
@@ -608,9 +650,22 @@ def build_profile(raw: dict[str, Any], name: str, date: str | None = None) -> di
     return tree
 
 
+RESHARD_KINDS = ("all_to_all", "all_gather", "all_reduce")
+
+
+def reshard_overheads(raw: dict[str, Any]) -> dict[int, float] | None:
+    """Group size -> what a planned move costs beyond its collective (median over kinds, >= 0)."""
+    rs = raw.get("reshard")
+    if not rs:
+        return None
+    return {int(g): statistics.median(max(0.0, r[f"{k}_move_s"] - r[f"{k}_bare_s"]) for k in RESHARD_KINDS)
+            for g, r in rs.items()}
+
+
 def _dispatch_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
     """``dtensor_dispatch_s``: what one op costs the per-op runtime beyond the op itself (forward + backward);
-    ``optimizer_tensor_s`` / ``optimizer_dtensor_s``: the optimizer's fixed cost per parameter tensor."""
+    ``optimizer_tensor_s`` / ``optimizer_dtensor_s``: the optimizer's fixed cost per parameter tensor;
+    ``reshard_overhead_s``: what a planned move of the per-op runtime costs beyond its collective."""
     out: dict[str, Any] = {}
     o = raw.get("optimizer") or {}
     opt_extra = 0.0
@@ -620,6 +675,16 @@ def _dispatch_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
                 f"{where}: AdamW step over 32 small {what} minus over one of the same total size, per tensor")}
     if "tensor_s" in o and "dtensor_s" in o:
         opt_extra = max(0.0, o["dtensor_s"] - o["tensor_s"])
+    rs = raw.get("reshard")
+    per_group = reshard_overheads(raw)
+    if rs and per_group:
+        world = max(per_group)
+        detail = ", ".join(f"{k} {rs[str(world)][f'{k}_move_s'] * 1e3:.2f} vs {rs[str(world)][f'{k}_bare_s'] * 1e3:.2f} ms"
+                           for k in RESHARD_KINDS)
+        out["reshard_overhead_s"] = {"value": _r(per_group[world]), "source": (
+            f"{where}: the per-op runtime's planned move minus the bare collective on the same bytes, {world} ranks, "
+            f"each timed between matmuls as in a step, median over kinds ({detail}); per group size in "
+            "measured.device.reshard")}
     e = raw.get("engine")
     if e:
         # the per-op step also pays the optimizer's DTensor cost for every parameter: priced on its own

@@ -211,6 +211,13 @@ class DeviceTables:
     memory: Curve | None
     source: str = ""
     attention: tuple[tuple[str, Curve], ...] = ()
+    reshard: tuple[tuple[int, float], ...] = ()  # group size -> the per-op runtime's cost per move beyond its collective
+
+    def reshard_seconds(self, n: int) -> float | None:
+        """At group size ``n``, or the nearest measured one (in log space)."""
+        if not self.reshard:
+            return None
+        return min(self.reshard, key=lambda gs: (abs(math.log2(gs[0]) - math.log2(max(n, 1))), gs[0]))[1]
 
     def matmul_seconds(self, dtype: str, flops: float) -> float | None:
         return _seconds_of(self.matmul, dtype, flops)
@@ -243,7 +250,12 @@ def device_tables_from_yaml(tree: Any, where: str) -> DeviceTables | None:
     mem = _curve_from_yaml(mem_tree, "bytes", "bytes_per_s", f"{where}.memory") if mem_tree else None
     if not mm and mem is None:
         return None
-    return DeviceTables(mm, mem, str(tree.get("source", "")), att)
+    rs = tree.get("reshard") or {}
+    sizes, secs = list(rs.get("group_sizes") or []), list(rs.get("seconds") or [])
+    if len(sizes) != len(secs) or any(not isinstance(x, (int, float)) or x < 0 for x in [*sizes, *secs]):
+        raise ValueError(f"{where}.reshard: want group_sizes and seconds, two lists of the same length "
+                                  "of non-negative numbers (re-run `autoplan profile`)")
+    return DeviceTables(mm, mem, str(tree.get("source", "")), att, tuple(zip((int(g) for g in sizes), map(float, secs))))
 
 
 def source_of(cluster: Any) -> str:
