@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Iterator
 
@@ -43,7 +43,9 @@ def model_flops_per_step(graph: OpGraph, global_batch: int) -> float:
     return (1 + BACKWARD_FACTOR) * fwd
 
 
-def predict(job: Job, ev: Evaluated, budget: float) -> Prediction:
+def predict(job: Job, ev: Evaluated, budget: float, overhead: float | None = None) -> Prediction:
+    """The step as run: the solver's cost, the loss report, and the per-op runtime's overhead when the
+    layout runs per-op (``overhead``: computed here when None)."""
     pr, choice = ev.priced, ev.solution.choice
     compute = sum(float(c[s]) for c, s in zip(pr.compute_s, choice))
     optimizer = sum(float(o[s]) for o, s in zip(pr.optimizer_s, choice))
@@ -52,7 +54,7 @@ def predict(job: Job, ev: Evaluated, budget: float) -> Prediction:
     acts = sum(float(b[s]) for b, s in zip(pr.activation_bytes, choice))
     report = loss_report_seconds(job.cluster, job.devices)  # the same for every strategy: outside the solver
     comm += report
-    step = ev.solution.cost + report
+    step = ev.solution.cost + report + (runtime_overhead(job, ev) if overhead is None else overhead)
     peak = job.cluster.device.flops_per_s(ev.cfg.dtype)
     mfu = model_flops_per_step(job.graph, job.global_batch) / (step * job.devices * peak) if step > 0 else 0.0
     tokens = job.global_batch * job.seq_len / step if job.seq_len and step > 0 else None
@@ -191,28 +193,26 @@ def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = Se
     result = search(job.graph, job.tying, job.cluster, devices=job.devices, global_batch=job.global_batch,
                     mesh=mesh, options=options, allow=allow, cache=cache, progress=progress)
     best = result.best
-    predicted = predict(job, best, budget)
     base: dict[str, Any] = {}
+    candidates = [best]
     if with_baselines:
         for b in baselines(job.devices, job.cluster.devices_per_node):
             try:
                 r = search(job.graph, job.tying, job.cluster, devices=job.devices, global_batch=job.global_batch,
                            meshes=[b.mesh], options=options, allow=b.allow, cache=cache)
+                candidates.append(r.best)
                 entry = predict(job, r.best, budget).to_json()
             except InfeasibleError as exc:
                 entry = {"fits": False, "step_time_s": None, "mfu": None, "peak_memory_bytes": exc.min_memory_bytes,
                          "mesh": b.mesh.as_dict(), "error": str(exc)}
             entry["description"] = b.description
             base[b.name] = entry
-    if force is None and job.cluster.device.dtensor_dispatch_s > 0:
-        best = _native_if_faster(job, best, options, cache, budget)
-        predicted = predict(job, best, budget)
+    if force is None:
+        best = _best_as_run(job, candidates, options, cache, budget)
     ops, params, data_inputs, colls, layers = _ops_and_collectives(job, best)
-    execution = lower(job.graph, best.mesh, _chosen(job, best), params, micro_batches=best.cfg.micro_batches,
-                      recompute=best.cfg.recompute, dtype=best.cfg.dtype)
+    execution = _execution(job, best)
     overhead = engine_overhead(job, best) if execution["runtime"] == "per-op" else 0.0
-    if overhead:
-        predicted = replace(predicted, step_time_s=predicted.step_time_s + overhead)
+    predicted = predict(job, best, budget, overhead)
     pipe = _pipeline_alternative(job, options, predicted) if pipeline and job.tying.groups else None
     pred = predicted.to_json()
     pred["per_layer"] = layers
@@ -224,9 +224,10 @@ def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = Se
     }
     per_op_alternative = None
     if pipe is not None and pipe["found"] and job.recipe_family is None:
-        # a pipeline runs only as a recipe, and no recipe knows this model: the per-op plan stays the plan
+        # a pipeline runs only as a recipe, and no pipeline recipe knows this model: the per-op search's plan stays
         pipe["executable"] = False
-        pipe["why_not"] = "the recipe runtime knows the zoo's GPT and Llama only; this model runs per-op"
+        pipe["why_not"] = ("pipeline stages are cut by the recipe runtime, which knows the zoo's GPT and Llama only; "
+                           f"this model's plan runs {execution['runtime']}")
     elif pipe is not None and pipe["found"] and pipe["predicted"]["fits"] and (pipe["faster_than_plan"] or not predicted.fits):
         # the pipeline configuration wins: it is the plan; the per-op solution is kept for comparison
         cfg = pipe["config"]
@@ -266,8 +267,9 @@ def engine_overhead(job: Job, ev: Evaluated) -> float:
     """Seconds per step the per-op runtime adds: its DTensor dispatch (``dtensor_dispatch_s``, measured
     by ``autoplan profile``; 0 on profiles without it) for every op, forward and backward, per micro-batch;
     its planned moves' machinery beyond the collectives (``reshard_overhead_s``) for every collective a
-    move issues; and the optimizer's DTensor cost for the parameters the cost model priced as plain
-    (replicated) tensors."""
+    move issues; each parameter gather's latency (priced as a share of its block's grouped gathers, as
+    FSDP issues them; the per-op runtime gathers every parameter on its own); and the optimizer's
+    DTensor cost for the parameters the cost model priced as plain (replicated) tensors."""
     dev = job.cluster.device
     ops = sum(1 for n in job.graph.nodes.values() if n.kind not in ("param", "buffer", "input"))
     # the cost model prices a replicated parameter's optimizer step as a plain tensor's (DDP); the
@@ -275,27 +277,46 @@ def engine_overhead(job: Job, ev: Evaluated) -> float:
     chosen = _chosen(job, ev) if dev.optimizer_dtensor_s > dev.optimizer_tensor_s else {}
     replicated = sum(1 for k, n in job.graph.nodes.items()
                      if n.kind == "param" and k in chosen and not any(isinstance(p, Shard) for p in chosen[k].out))
+    table = dev.measured.reshard_seconds if dev.measured is not None and dev.measured.reshard else None
+    links = ev.mesh.links(job.cluster)
+    buckets = param_buckets(job.graph, job.tying, ev.cfg.dtype)
     moves = 0.0
-    if dev.reshard_overhead_s:  # the collectives ``runtime.moves.move`` issues (gradient all-reduces go in buckets)
-        table = dev.measured.reshard_seconds if dev.measured is not None and dev.measured.reshard else None
-        moves = sum(table(ev.mesh.shape[c.axis]) if table else dev.reshard_overhead_s
-                    for phase, c, u, _, _ in edge_moves(job, ev)
-                    if not (phase == "backward" and c.kind == "all_reduce" and job.graph.nodes[u].kind == "param"))
+    for phase, c, u, _, _ in edge_moves(job, ev):
+        param = job.graph.nodes[u].kind == "param"
+        if param and phase == "backward" and c.kind == "all_reduce":
+            continue  # gradient all-reduces: bucketed by the per-op runtime too (``bucket_grads``)
+        n, link = ev.mesh.shape[c.axis], links[c.axis]
+        moves += table(n) if table else dev.reshard_overhead_s
+        if param:  # priced as its share of a block's grouped gathers (FSDP); the per-op runtime issues it alone
+            moves += (collective_seconds(c.kind, c.nbytes, n, link)
+                      - collective_seconds(c.kind, c.nbytes, n, link, buckets.get(job.tying.rep[u], Bucket())))
     return (ops * ev.cfg.micro_batches * dev.dtensor_dispatch_s + moves * ev.cfg.micro_batches
             + replicated * (dev.optimizer_dtensor_s - dev.optimizer_tensor_s))
 
 
-def _native_if_faster(job: Job, best: Evaluated, options: SearchOptions, cache: dict, budget: float) -> Evaluated:
-    """The search's best, or the best data-parallel layout (DDP, FSDP: native recipes, no per-op
-    dispatch) when it is faster once the per-op runtime's dispatch is counted."""
-    def total(ev: Evaluated) -> float:
-        chosen = _chosen(job, ev)
-        params = {n.param: format_placements(chosen[k].out) for k, n in job.graph.nodes.items() if n.kind == "param"}
-        ex = lower(job.graph, ev.mesh, chosen, params, micro_batches=ev.cfg.micro_batches,
-                   recompute=ev.cfg.recompute, dtype=ev.cfg.dtype)
-        return ev.solution.cost + (engine_overhead(job, ev) if ex["runtime"] == "per-op" else 0.0)
+def _execution(job: Job, ev: Evaluated) -> dict[str, Any]:
+    """How the layout runs (``execution.lower``): a native recipe or the per-op runtime."""
+    chosen = _chosen(job, ev)
+    params = {n.param: format_placements(chosen[k].out) for k, n in job.graph.nodes.items() if n.kind == "param"}
+    return lower(job.graph, ev.mesh, chosen, params, micro_batches=ev.cfg.micro_batches,
+                 recompute=ev.cfg.recompute, dtype=ev.cfg.dtype)
 
-    choice, choice_t = best, total(best)
+
+def runtime_overhead(job: Job, ev: Evaluated) -> float:
+    """``engine_overhead`` if the layout runs per-op, else 0 (a native recipe)."""
+    return engine_overhead(job, ev) if _execution(job, ev)["runtime"] == "per-op" else 0.0
+
+
+def _best_as_run(job: Job, candidates: list[Evaluated], options: SearchOptions, cache: dict, budget: float) -> Evaluated:
+    """The fastest candidate as it runs (the search's best, the baselines' layouts, and the best DDP and
+    FSDP layouts: native recipes, no per-op overhead), once the per-op runtime's overhead
+    (``engine_overhead``) is counted. The search's best wins ties."""
+    def total(ev: Evaluated) -> float:
+        return ev.solution.cost + runtime_overhead(job, ev)
+
+    best = candidates[0]
+    if runtime_overhead(job, best) == 0.0:
+        return best  # a native recipe runs it already: nothing to add
     flat = Mesh((job.devices,), ("dp",))
     for family in ("ddp", "fsdp"):
         try:
@@ -303,10 +324,9 @@ def _native_if_faster(job: Job, best: Evaluated, options: SearchOptions, cache: 
                        meshes=[flat], options=options, allow=allow_for(family, flat), cache=cache)
         except InfeasibleError:
             continue
-        t = total(r.best)
-        if r.best.solution.mem <= budget and t < choice_t:
-            choice, choice_t = r.best, t
-    return choice
+        candidates = [*candidates, r.best]
+    fitting = [ev for ev in candidates if ev.solution.mem <= budget] or [best]
+    return min(fitting, key=total)
 
 
 def _header(job: Job, budget: float) -> dict[str, Any]:

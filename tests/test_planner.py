@@ -160,8 +160,9 @@ def test_per_layer_split_and_listed_collectives_add_up_to_the_predicted_step(for
     layers = plan.data["predicted"]["per_layer"]
     assert sum(l["compute_s"] for l in layers) == pytest.approx(plan.predicted.compute_s, rel=1e-9)
     assert sum(l["comm_s"] for l in layers) == pytest.approx(plan.predicted.comm_s, rel=1e-9)
+    overhead = plan.data["predicted"]["runtime_overhead_s"]  # the per-op runtime's own (0 for a recipe)
     assert plan.predicted.step_time_s == pytest.approx(
-        plan.predicted.compute_s + plan.predicted.comm_s + plan.predicted.optimizer_s, rel=1e-9)
+        plan.predicted.compute_s + plan.predicted.comm_s + plan.predicted.optimizer_s + overhead, rel=1e-9)
 
 
 def test_every_prediction_prices_the_loss_report_as_one_scalar_all_reduce_over_all_ranks():
@@ -199,6 +200,7 @@ def test_per_op_overhead_prices_every_planned_move_at_its_group_size(tmp_path):
     with_moves = tmp_path / "moves.yaml"
     with_moves.write_text(yaml.safe_dump(tree))
     tree["device"]["reshard_overhead_s"]["value"] = 0.0
+    del tree["measured"]["device"]["reshard"]
     without = tmp_path / "none.yaml"
     without.write_text(yaml.safe_dump(tree))
     kw = dict(devices=4, global_batch=8, seq_len=64, dtype="fp32", baselines=False, force="megatron", mesh="dp=2,tp=2",
