@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -180,11 +181,16 @@ def worker() -> None:
             failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         dist.barrier()
     # rounds: every plan runs a few steps per round, in turn, so a slow spell of the shared machine
-    # falls on all plans alike instead of on whichever ran then
+    # falls on all plans alike instead of on whichever ran then; each round in another order (shuffled
+    # with the same seed on every rank), so what one plan leaves behind (caches, threads, memory) does
+    # not always fall on the same next plan
     samples: dict[str, list[float]] = {n: [] for n in models}
     per_round = max(1, -(-args.steps // args.rounds))
-    for _ in range(args.rounds):
-        for name, pm in models.items():
+    for k in range(args.rounds):
+        order = list(models)
+        random.Random(k).shuffle(order)
+        for name in order:
+            pm = models[name]
             # one step discarded per round: the first after another plan's steps runs with cold caches
             ts = measure_steps(pm, lambda i: _data(i, args.batch, args.seq), per_round, 1)
             t = torch.tensor(ts)
