@@ -76,8 +76,7 @@ REPORT_BYTES = 8.0  # the step's loss, one float64
 def loss_report_seconds(cluster: Cluster, world: int) -> float:
     """Seconds a step spends reporting its loss: ``train_step`` returns the global mean loss, which
     every rank gets by one all-reduce of a scalar over all ranks (both runtimes issue exactly this)."""
-    link = cluster.inter_node if world > cluster.devices_per_node else cluster.intra_node
-    return collective_seconds("all_reduce", REPORT_BYTES, world, link)
+    return collective_seconds("all_reduce", REPORT_BYTES, world, cluster.link_for_axis(world, 1))
 
 
 def _local_bytes(shape: tuple[int, ...], elem_bytes: int, placements: Placements, mesh_shape: tuple[int, ...]) -> float:

@@ -254,7 +254,7 @@ def device_tables_from_yaml(tree: Any, where: str) -> DeviceTables | None:
     sizes, secs = list(rs.get("group_sizes") or []), list(rs.get("seconds") or [])
     if len(sizes) != len(secs) or any(not isinstance(x, (int, float)) or x < 0 for x in [*sizes, *secs]):
         raise ValueError(f"{where}.reshard: want group_sizes and seconds, two lists of the same length "
-                                  "of non-negative numbers (re-run `autoplan profile`)")
+                         "of non-negative numbers (re-run `autoplan profile`)")
     return DeviceTables(mm, mem, str(tree.get("source", "")), att, tuple(zip((int(g) for g in sizes), map(float, secs))))
 
 
