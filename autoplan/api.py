@@ -10,6 +10,7 @@ from autoplan.capture import capture, clone_to_meta
 from autoplan.errors import AutoplanError
 from autoplan.graph import build_graph
 from autoplan.hardware import Cluster, load_cluster
+from autoplan.inputs import LossFn, resolve_spec
 from autoplan.mesh import parse_mesh
 from autoplan.models import ModelSpec, recipe_family, resolve_model
 from autoplan.plan import Plan
@@ -27,34 +28,9 @@ def resolve_devices(cluster: Cluster, nodes: int | None, devices: int | None) ->
     return total
 
 
-def _resized(t: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.empty((batch, *t.shape[1:]), dtype=t.dtype, device="meta")
-
-
-def _inputs_fn_for(model: nn.Module, example_inputs: Sequence[torch.Tensor], targets: torch.Tensor | None):
-    """batch -> meta (inputs..., targets); targets follow the logits' shape when not given."""
-    first = example_inputs[0]
-    if targets is None and not first.dtype.is_floating_point and first.dim() == 2:
-        target_shape: tuple[int, ...] = tuple(first.shape[1:])  # token ids (B, T): next-token targets (B, T)
-    elif targets is None:
-        with torch.device("meta"):
-            out = model(*[_resized(t, 2) for t in example_inputs])
-        if not isinstance(out, torch.Tensor):
-            raise AutoplanError(f"the model returns {type(out).__name__}, not a tensor of logits: return logits (or pass return_dict=False)")
-        target_shape = out.shape[1:-1] if out.dim() >= 3 else ()
-    else:
-        target_shape = tuple(targets.shape[1:])
-
-    def inputs_fn(batch: int):
-        tgt = torch.empty((batch, *target_shape), dtype=torch.long, device="meta")
-        return (*[_resized(t, batch) for t in example_inputs], tgt)
-
-    return inputs_fn
-
-
 def prepare_job(
     model: nn.Module | str,
-    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    example_inputs: Any = None,
     *,
     cluster: str | Cluster,
     nodes: int | None = None,
@@ -62,6 +38,7 @@ def prepare_job(
     global_batch: int | None = None,
     seq_len: int | None = None,
     targets: torch.Tensor | None = None,
+    loss_fn: LossFn | None = None,
     capture_method: str = "auto",
     name: str | None = None,
 ) -> Job:
@@ -74,33 +51,30 @@ def prepare_job(
         batch = global_batch or 8
         with torch.device("meta"):
             module = spec.build()
-
-        def inputs_fn(b: int):
-            with torch.device("meta"):  # only here: a default-device context slows every traced op
-                return (*spec.example_inputs(b, seq), spec.example_targets(b, seq))
-
-        cap = capture(module, inputs_fn, method=capture_method)
+        call = spec.call_spec(seq)
+        cap = capture(module, call, method=capture_method)
         family = recipe_family(module)
         label = name or spec.name
         tokens = seq if spec.kind == "lm" else None
     else:
         if example_inputs is None:
-            raise AutoplanError("pass example_inputs with the model (a tensor or tuple of tensors; dim 0 is the batch)")
-        ex = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-        batch = global_batch or int(ex[0].shape[0])
+            raise AutoplanError("pass example_inputs with the model: a tensor, a tuple of positional inputs or a dict "
+                                "of keyword inputs (dim 0 is the batch)")
         meta_model = clone_to_meta(model)
-        cap = capture(meta_model, _inputs_fn_for(meta_model, ex, targets), method=capture_method)
-        family = recipe_family(model)
+        call = resolve_spec(meta_model, example_inputs, targets=targets, loss_fn=loss_fn)
+        batch = global_batch or call.batch
+        cap = capture(meta_model, call, loss_fn=loss_fn, method=capture_method)
+        call = cap.call or call  # the loss source, decided while tracing
+        family = recipe_family(model) if call.loss == "cross_entropy" and not call.static else None
         label = name or type(model).__name__
-        is_lm = not ex[0].dtype.is_floating_point and ex[0].dim() == 2
-        tokens = int(ex[0].shape[1]) if is_lm else None
+        tokens = call.seq_len
     graph = build_graph(cap)
-    return Job(label, graph, find_repeats(graph), clus, n_devices, batch, tokens, family)
+    return Job(label, graph, find_repeats(graph), clus, n_devices, batch, tokens, family, call)
 
 
 def plan(
     model: nn.Module | str,
-    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    example_inputs: Any = None,
     *,
     cluster: str | Cluster,
     nodes: int | None = None,
@@ -109,6 +83,7 @@ def plan(
     seq_len: int | None = None,
     mesh: str | dict[str, int] | None = None,
     targets: torch.Tensor | None = None,
+    loss_fn: LossFn | None = None,
     dtype: str = "bf16",
     micro_batches: Sequence[int] | None = None,
     recompute: bool | None = None,
@@ -124,7 +99,10 @@ def plan(
     """Plan the training of ``model`` on ``cluster``; see the README for every option.
 
     ``model`` is an ``nn.Module`` (built on the meta device to plan without weights) with its
-    ``example_inputs`` (any batch size; dim 0 is the batch), or a zoo spec such as ``"gpt2"``.
+    ``example_inputs`` (a tensor, a tuple of positional inputs or a dict of keyword inputs, at any batch
+    size; dim 0 is the batch), or a zoo spec such as ``"gpt2"``. The loss is the model's own ``loss``
+    when its output has one (labels in the inputs), else ``loss_fn(output, targets)`` (default: the
+    cross-entropy of the output's first floating tensor; targets made for you when not given).
     ``pipeline``: also search pipeline configurations; by default (None) when nothing fixes the
     layout (no ``force``, ``mesh``, ``micro_batches``, ``recompute`` or ``memory_bytes``: the
     pipeline search chooses those itself).
@@ -134,7 +112,7 @@ def plan(
     if dtype not in ("bf16", "fp16", "fp32"):
         raise AutoplanError(f"unknown dtype {dtype!r}: use bf16, fp16 or fp32")
     job = prepare_job(model, example_inputs, cluster=cluster, nodes=nodes, devices=devices, global_batch=global_batch,
-                      seq_len=seq_len, targets=targets, capture_method=capture_method, name=name)
+                      seq_len=seq_len, targets=targets, loss_fn=loss_fn, capture_method=capture_method, name=name)
     parsed_mesh = parse_mesh(mesh, job.devices) if mesh is not None else None
     options = SearchOptions(
         dtype=dtype,

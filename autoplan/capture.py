@@ -12,16 +12,17 @@ import copy
 import io
 import logging
 import operator
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-from autoplan.errors import CaptureError
+from autoplan.errors import AutoplanError, CaptureError
+from autoplan.inputs import CallSpec, LossFn, NeedsTargets, TrainingLoss, with_default_targets
 
 PROBE_BATCHES = (2, 3)  # two batch sizes whose ratio reveals batch-proportional dims
 PRIME_PROBE = 8191  # one propagation at this (prime) batch: dims divisible by it scale with the batch
@@ -37,37 +38,7 @@ class Captured:
     trainable: frozenset[str]  # qualified names of parameters that get gradients
     metas: tuple[dict[str, object], ...]  # per probe batch: node name -> tensor meta (shape, dtype) or None
     probes: tuple[int, ...] = PROBE_BATCHES  # the batch sizes of ``metas``
-
-
-def loss_from_output(output: torch.Tensor, targets: torch.Tensor, flatten: bool) -> torch.Tensor:
-    """Mean cross-entropy of logits against targets; ``flatten`` (B, T, V) language-model logits."""
-    if flatten:
-        return F.cross_entropy(output.reshape(-1, output.size(-1)), targets.reshape(-1))
-    return F.cross_entropy(output, targets)
-
-
-class WithLoss(nn.Module):
-    """model(inputs) -> logits, then the loss (fixed arity so fx can trace it).
-
-    ``flatten`` is decided from the targets' rank before tracing: (B, T) targets mean (B, T, V)
-    logits, so no Python branch depends on a traced value.
-    """
-
-    def __init__(self, model: nn.Module, flatten: bool):
-        super().__init__()
-        self.model = model
-        self.flatten = flatten
-
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return loss_from_output(self.model(inputs), targets, self.flatten)
-
-
-class WithLossMany(WithLoss):
-    """model(*inputs) -> logits, then the loss (several inputs: traced by torch.export)."""
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        *inputs, targets = args
-        return loss_from_output(self.model(*inputs), targets, self.flatten)
+    call: CallSpec | None = None  # how the model was called (its loss source decided: never "auto")
 
 
 class _FlatTracer(fx.Tracer):
@@ -110,12 +81,13 @@ def _tensor_meta(value: object) -> object:
 
 
 def _propagate(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> dict[str, object]:
-    has_real = any(p.device.type != "meta" for p in list(gm.parameters()) + list(gm.buffers()))
-    if has_real:
+    real = next((t.device for t in list(gm.parameters()) + list(gm.buffers()) if t.device.type != "meta"), None)
+    if real is not None:  # real weights: fake inputs on their device (no memory allocated)
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         mode = FakeTensorMode(allow_non_fake_inputs=True)
-        fake_inputs = tuple(mode.from_tensor(t) for t in inputs)
+        with mode:
+            fake_inputs = tuple(torch.empty(t.shape, dtype=t.dtype, device=real) for t in inputs)
         ShapeProp(gm, fake_mode=mode).propagate(*fake_inputs)
     else:
         ShapeProp(gm).propagate(*inputs)
@@ -145,7 +117,8 @@ def choose_probes(model: nn.Module, inputs_fn: InputsFn) -> tuple[int, ...]:
     return PROBE_BATCHES if any(d % PRIME_PROBE == 0 for d in dims) else (PRIME_PROBE,)
 
 
-def _trace_symbolic(wrapped: nn.Module, inputs_fn: InputsFn) -> Captured:
+def _trace_symbolic(model: nn.Module, spec: CallSpec, loss_fn: LossFn | None) -> Captured:
+    wrapped, inputs_fn = TrainingLoss.of(model, spec, loss_fn), spec.meta_inputs
     graph = _FlatTracer().trace(wrapped)
     gm = fx.GraphModule(wrapped, graph)
     names = {}
@@ -155,7 +128,7 @@ def _trace_symbolic(wrapped: nn.Module, inputs_fn: InputsFn) -> Captured:
     probes = choose_probes(wrapped, inputs_fn)
     metas = tuple(_propagate(gm, inputs_fn(b)) for b in probes)
     trainable = frozenset(n.removeprefix("model.") for n, p in wrapped.named_parameters() if p.requires_grad)
-    return Captured(gm, "symbolic_trace", names, trainable, metas, probes)
+    return Captured(gm, "symbolic_trace", names, trainable, metas, probes, spec)
 
 
 @contextlib.contextmanager
@@ -264,7 +237,8 @@ def export_graph(wrapped: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[
     return gm, _export_names(wrapped, ep), ep
 
 
-def _trace_export(wrapped: nn.Module, inputs_fn: InputsFn) -> Captured:
+def _trace_export(model: nn.Module, spec: CallSpec, loss_fn: LossFn | None) -> Captured:
+    wrapped, inputs_fn = TrainingLoss.of(model, spec, loss_fn), spec.meta_inputs
     exported = []
     probes = choose_probes(wrapped, inputs_fn)
     for b in probes:
@@ -277,35 +251,72 @@ def _trace_export(wrapped: nn.Module, inputs_fn: InputsFn) -> Captured:
             raise CaptureError("torch.export gave different graphs at two batch sizes: the model branches on the batch size")
         metas.append({n.name: _tensor_meta(n.meta.get("val")) for n in nodes})
     trainable = frozenset(n.removeprefix("model.") for n, p in wrapped.named_parameters() if p.requires_grad)
-    return Captured(first, "export", names, trainable, tuple(metas), probes)
+    return Captured(first, "export", names, trainable, tuple(metas), probes, spec)
 
 
-def capture(model: nn.Module, inputs_fn: InputsFn, *, method: str = "auto") -> Captured:
-    """Trace ``model`` with its loss. ``inputs_fn(batch)`` returns ``(*inputs, targets)``.
+_OWN_CODE = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
+
+
+def _user_frame(exc: BaseException) -> tuple[str, str] | None:
+    """(``file:line``, module class) of the innermost frame of the failure outside torch and autoplan."""
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if not frame.f_code.co_filename.startswith(_OWN_CODE):
+            owner = frame.f_locals.get("self")
+            module = type(owner).__name__ if isinstance(owner, nn.Module) else frame.f_code.co_name
+            found = (f"{frame.f_code.co_filename}:{tb.tb_lineno}", module)
+        tb = tb.tb_next
+    return found
+
+
+def _fix_for(exc: BaseException) -> str:
+    text = f"{type(exc).__name__} {exc}"
+    if "data-dependent" in text or "GuardOnDataDependent" in text or "Could not guard" in text:
+        return "replace Python control flow on tensor values there (if/for on .item(), .tolist(), bool(x)) " \
+               "with tensor ops (torch.where), or move it out of forward()"
+    if "device" in text and ("cuda" in text or "meta" in text):
+        return "make forward device-agnostic there (create tensors with device=x.device, no .cuda())"
+    return "remove data-dependent Python control flow from forward() there, or pass use_cache=False / " \
+           "return_dict=False to library models"
+
+
+def capture_failure(errors: list[tuple[str, BaseException]]) -> str:
+    """One line for a model neither tracer could capture: the tracers' errors, where in the model, the fix."""
+    causes = "; ".join(f"{how}: {_one_line(exc)}" for how, exc in errors)
+    last = errors[-1][1]
+    where = _user_frame(last)
+    at = f" in {where[1]} at {where[0]}" if where else ""
+    return f"could not capture the model{at} ({causes}): {_fix_for(last)}"
+
+
+def capture(model: nn.Module, spec: CallSpec, *, loss_fn: LossFn | None = None, method: str = "auto") -> Captured:
+    """Trace ``model`` with its loss, called as ``spec`` says (``spec.meta_inputs(batch)`` at each probe).
 
     ``method``: "symbolic_trace", "export", or "auto" (symbolic first, export on failure).
     Raises CaptureError with one line naming the cause when neither works.
     """
-    probe = inputs_fn(PROBE_BATCHES[0])
-    flatten = probe[-1].dim() >= 2
-    wrapped = WithLoss(model, flatten) if len(probe) == 2 else WithLossMany(model, flatten)
-    errors = []
     order = {"auto": ("symbolic_trace", "export"), "symbolic_trace": ("symbolic_trace",), "export": ("export",)}
     if method not in order:
         raise CaptureError(f"unknown capture method {method!r}: use auto, symbolic_trace or export")
+    errors: list[tuple[str, BaseException]] = []
     for how in order[method]:
+        trace = _trace_symbolic if how == "symbolic_trace" else _trace_export
         try:
-            if how == "symbolic_trace":
-                return _trace_symbolic(wrapped, inputs_fn)
-            return _trace_export(wrapped, inputs_fn)
-        except CaptureError:
+            try:
+                return trace(model, spec, loss_fn)
+            except NeedsTargets as need:  # no loss in the output: the default cross-entropy, traced again
+                if need.logits_shape is None and not spec.is_lm:  # fx does not know the logits' shape: export does
+                    errors.append((how, need))
+                    continue
+                spec = with_default_targets(spec, need.logits_shape)
+                return trace(model, spec, loss_fn)
+        except AutoplanError:
             raise
         except Exception as exc:  # noqa: BLE001 - any tracer failure becomes one line
-            errors.append(f"{how}: {_one_line(exc)}")
-    raise CaptureError(
-        "could not capture the model (" + "; ".join(errors) + "): remove data-dependent Python control flow "
-        "from forward(), or pass use_cache=False / return_dict=False to library models"
-    )
+            errors.append((how, exc))
+    raise CaptureError(capture_failure(errors))
 
 
 def clone_to_meta(model: nn.Module) -> nn.Module:

@@ -15,6 +15,7 @@ from autoplan.errors import InfeasibleError
 from autoplan.execution import lower, pipeline_execution
 from autoplan.graph import OpGraph, forward_flops, needs_value_in_backward
 from autoplan.hardware import Cluster
+from autoplan.inputs import CallSpec
 from autoplan.mesh import Mesh
 from autoplan.plan import SCHEMA, Plan, Prediction
 from autoplan.repeats import Tying
@@ -35,6 +36,7 @@ class Job:
     global_batch: int
     seq_len: int | None  # tokens per sample, for tokens/s (None for non-LMs)
     recipe_family: str | None = None  # "gpt" | "llama" when the native recipes can run the model, else None
+    call: CallSpec | None = None  # how the model is called and where its loss comes from (recorded in the plan)
 
 
 def model_flops_per_step(graph: OpGraph, global_batch: int) -> float:
@@ -342,6 +344,7 @@ def _header(job: Job, budget: float) -> dict[str, Any]:
         },
         "cluster": {**job.cluster.to_dict(), "usable_memory_bytes": budget},
         "world_size": job.devices,
+        "call": job.call.to_json() if job.call is not None else None,
     }
 
 

@@ -156,11 +156,7 @@ def worker() -> None:
     with torch.device("meta"):
         meta_model = spec.build()
 
-    def inputs_fn(bb: int):
-        with torch.device("meta"):
-            return (*spec.example_inputs(bb, args.seq), spec.example_targets(bb, args.seq))
-
-    graph = build_graph(capture(meta_model, inputs_fn))
+    graph = build_graph(capture(meta_model, spec.call_spec(args.seq)))
     meshes = sorted({tuple(p.data["mesh"]["shape"]) for p in plans.values() if p.ops})
     t0 = time.perf_counter()
     # micro-batches are pinned to 1: the micro-batch is the global batch, sharded by each strategy

@@ -78,7 +78,7 @@ def hand_step(args: argparse.Namespace, family: str):
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
-    from autoplan.capture import loss_from_output
+    from autoplan.inputs import cross_entropy
 
     model = _build(args.model)
     if family == "ddp":
@@ -92,7 +92,7 @@ def hand_step(args: argparse.Namespace, family: str):
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
         sl = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
-        loss = loss_from_output(model(x[sl]), y[sl], True)
+        loss = cross_entropy(model(x[sl]), y[sl])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -8,6 +8,7 @@ import torch.nn as nn
 from autoplan.capture import capture
 from autoplan.errors import CaptureError
 from autoplan.graph import build_graph
+from autoplan.inputs import spec_from_example
 from autoplan.repeats import find_repeats
 from tests.conftest import capture_zoo
 
@@ -74,17 +75,19 @@ class _Branchy(nn.Module):
         return -self.lin(x)
 
 
-def test_capture_failure_is_one_line_naming_both_tracers_and_the_fix():
+def test_capture_failure_is_one_line_naming_both_tracers_the_module_the_line_and_the_fix():
     model = _Branchy()
     with pytest.raises(CaptureError) as err:
-        capture(model, lambda b: (torch.randn(b, 4), torch.zeros(b, dtype=torch.long)))
+        capture(model, spec_from_example((torch.randn(2, 4),), targets=torch.zeros(2, dtype=torch.long)))
     msg = str(err.value)
     assert "\n" not in msg and "symbolic_trace" in msg and "export" in msg and "control flow" in msg
+    line = next(i for i, text in enumerate(open(__file__).read().splitlines(), 1) if "if x.sum() > 0" in text)
+    assert f"in _Branchy at {__file__}:{line}" in msg
 
 
 def test_a_model_with_real_weights_is_captured_on_fake_tensors_without_copying_data():
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4))
-    cap = capture(model, lambda b: (torch.randn(b, 16), torch.zeros(b, dtype=torch.long)))
+    cap = capture(model, spec_from_example((torch.randn(2, 16),), targets=torch.zeros(2, dtype=torch.long)))
     g = build_graph(cap)
     assert sum(1 for n in g.nodes.values() if n.kind == "linear") == 2
     assert g.num_params() == sum(p.numel() for p in model.parameters())

@@ -147,7 +147,7 @@ def test_saved_activation_memory_is_what_autograd_keeps(name):
     import torch
 
     from autoplan.api import prepare_job
-    from autoplan.capture import loss_from_output
+    from autoplan.inputs import cross_entropy
     from autoplan.cost.model import price_mesh
     from autoplan.mesh import Mesh
     from autoplan.models import resolve_model
@@ -169,5 +169,5 @@ def test_saved_activation_memory_is_what_autograd_keeps(name):
 
     x = torch.randint(0, 64, (batch, seq + 1))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_from_output(model(x[:, :-1]), x[:, 1:], True)
+        cross_entropy(model(x[:, :-1]), x[:, 1:])
     assert predicted == pytest.approx(sum(saved.values()), rel=0.03)

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from autoplan.errors import AutoplanError, UnknownModelError
+from autoplan.inputs import CallSpec, spec_from_example
 from autoplan.models.gpt import GPT, GPTConfig, gpt_num_params
 from autoplan.models.llama import Llama, LlamaConfig, llama_num_params
 from autoplan.models.small import CNNClassifier, CNNConfig, MLPClassifier, MLPConfig, cnn_num_params, mlp_num_params
@@ -59,6 +60,11 @@ class ModelSpec:
     example_targets: Callable[[int, int], torch.Tensor]  # (batch, seq_len) -> targets for cross-entropy
     num_params: int  # exact parameter count, tied weights counted once
     description: str  # one line for `autoplan models`
+
+    def call_spec(self, seq_len: int, batch: int = 2) -> CallSpec:
+        """How the model is called: its positional inputs, and targets for the cross-entropy."""
+        with torch.device("meta"):  # only here: a default-device context slows every traced op
+            return spec_from_example(self.example_inputs(batch, seq_len), targets=self.example_targets(batch, seq_len))
 
 
 @dataclass(frozen=True)

@@ -823,11 +823,7 @@ def _rebuild(data: dict[str, Any]):
     with torch.device("meta"):
         module = spec.build()
 
-    def inputs_fn(b: int):
-        with torch.device("meta"):
-            return (*spec.example_inputs(b, seq), spec.example_targets(b, seq))
-
-    cap = capture(module, inputs_fn, method=model.get("capture") or "auto")
+    cap = capture(module, spec.call_spec(seq), method=model.get("capture") or "auto")
     graph = build_graph(cap)
     if model.get("fingerprint") and graph.fingerprint != model["fingerprint"]:
         raise AutoplanError(f"zoo model {spec.name} changed since the plan was made (fingerprint {graph.fingerprint} "

@@ -29,9 +29,10 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor import Replicate as DReplicate
 from torch.utils._python_dispatch import _disable_current_modes
 
-from autoplan.capture import WithLoss, WithLossMany, clone_to_meta, Captured, capture, export_graph
+from autoplan.capture import Captured, capture, clone_to_meta, export_graph
 from autoplan.errors import AutoplanError, PlanMismatchError
 from autoplan.graph import SHAPE_ONLY_SECOND_ARG, OpGraph, build_graph
+from autoplan.inputs import CallSpec, LossFn, TrainingLoss, resolve_spec, spec_from_example
 from autoplan.plan import Plan
 from autoplan.runtime.moves import (
     PARAM_GRAD,
@@ -79,6 +80,7 @@ class Program:
     split_nodes: dict[str, fx.Node]
     backward_edges: frozenset[tuple[str, str, int]]  # (producer, consumer, input) with a planned gradient move
     export_at: Callable[[int], "RunGraph"] | None = None  # export graphs: the graph to run at a global batch
+    call: CallSpec | None = None  # how the model takes a batch (slots, batch dims, targets)
 
 
 @dataclass
@@ -96,14 +98,6 @@ class RunGraph:
     constants: dict[str, torch.Tensor]  # lifted tensor constants of an export (qualified name -> value)
 
 
-def _lm_inputs_fn(seq: int) -> Callable[[int], tuple[torch.Tensor, ...]]:
-    def fn(batch: int) -> tuple[torch.Tensor, ...]:
-        with torch.device("meta"):
-            return (torch.zeros(batch, seq, dtype=torch.long), torch.zeros(batch, seq, dtype=torch.long))
-
-    return fn
-
-
 _EXPORT_ASSERTS = tuple(
     getattr(torch.ops.aten, name).default
     for name in ("_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size")
@@ -116,30 +110,33 @@ def meta_clone(model: nn.Module) -> nn.Module:
     return clone_to_meta(model)
 
 
-def _example_inputs_fn(meta_model: nn.Module, example: Sequence[torch.Tensor], targets: torch.Tensor | None):
-    from autoplan.api import _inputs_fn_for
+def call_spec_for(model: nn.Module, plan: Plan, example_inputs: Any = None, targets: torch.Tensor | None = None,
+                  loss_fn: LossFn | None = None) -> CallSpec:
+    """How the planner called the model: the plan's record, else (older plans) from the example inputs or
+    the plan's sequence length (a language model on token ids)."""
+    recorded = plan.data.get("call")
+    if recorded:
+        spec = CallSpec.from_json(recorded)
+        if spec.loss == "custom" and loss_fn is None:
+            raise AutoplanError("this plan was made with a custom loss_fn: pass the same loss_fn= to autoplan.apply")
+        return spec
+    if example_inputs is not None:
+        return resolve_spec(meta_clone(model), example_inputs, targets=targets, loss_fn=loss_fn)
+    seq = plan.data["training"].get("seq_len")
+    if not seq:
+        raise AutoplanError("this plan records no inputs and is not for a language model: pass example_inputs= "
+                            "to autoplan.apply, or re-plan it")
+    with torch.device("meta"):
+        tokens = torch.zeros(2, int(seq), dtype=torch.long)
+    return spec_from_example((tokens,), targets=tokens)
 
-    return _inputs_fn_for(meta_model, example, targets)
 
-
-def _capture_inputs(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Tensor] | None,
-                    targets: torch.Tensor | None = None) -> tuple[nn.Module, Callable[[int], tuple[torch.Tensor, ...]]]:
-    """The weightless model and the batch -> (inputs..., targets) function the planner captured with."""
-    meta = meta_clone(model)
-    if example_inputs is None:
-        seq = plan.data["training"].get("seq_len")
-        if not seq:
-            raise AutoplanError("this plan is not for a language model: pass example_inputs= to autoplan.apply")
-        return meta, _lm_inputs_fn(int(seq))
-    return meta, _example_inputs_fn(meta, example_inputs, targets)
-
-
-def recapture(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Tensor] | None,
-              targets: torch.Tensor | None = None) -> Captured:
+def recapture(model: nn.Module, plan: Plan, example_inputs: Any = None, targets: torch.Tensor | None = None,
+              loss_fn: LossFn | None = None) -> Captured:
     """Capture the real model the way the planner did (names and fingerprint must match)."""
     method = plan.data["model"].get("capture", "auto")
-    meta, fn = _capture_inputs(model, plan, example_inputs, targets)
-    return capture(meta, fn, method=method)
+    spec = call_spec_for(model, plan, example_inputs, targets, loss_fn)
+    return capture(meta_clone(model), spec, loss_fn=loss_fn, method=method)
 
 
 # ------------------------------------------------------------------------------ export graphs
@@ -181,7 +178,7 @@ def _retarget_devices(gm: fx.GraphModule, device: torch.device) -> None:
                 node.kwargs = kwargs
 
 
-def exporter(meta: nn.Module, inputs_fn: Callable[[int], tuple[torch.Tensor, ...]], reference: fx.GraphModule,
+def exporter(meta: nn.Module, spec: CallSpec, loss_fn: LossFn | None, reference: fx.GraphModule,
              device: torch.device) -> Callable[[int], RunGraph]:
     """batch -> the model (with its loss) exported at that global batch, ready to interpret.
 
@@ -190,9 +187,8 @@ def exporter(meta: nn.Module, inputs_fn: Callable[[int], tuple[torch.Tensor, ...
     want = [n.name for n in reference.graph.nodes]
 
     def export_at(batch: int) -> RunGraph:
-        inputs = inputs_fn(batch)
-        flatten = inputs[-1].dim() >= 2
-        wrapped = WithLoss(meta, flatten) if len(inputs) == 2 else WithLossMany(meta, flatten)
+        inputs = spec.meta_inputs(batch)
+        wrapped = TrainingLoss.of(meta, spec, loss_fn)
         # outside the caller's dispatch modes (collective recorders, CommDebugMode): they change the trace
         with _disable_current_modes(), torch.enable_grad():
             gm, param_of, ep = export_graph(wrapped, inputs)
@@ -202,10 +198,10 @@ def exporter(meta: nn.Module, inputs_fn: Callable[[int], tuple[torch.Tensor, ...
             raise PlanMismatchError(f"torch.export gives another graph at batch {batch} than the plan's ({diff}): "
                                     f"the model branches on the batch size")
         constants: dict[str, torch.Tensor] = {}
-        for spec in ep.graph_signature.input_specs:
-            value = ep.constants.get(spec.target) if spec.target is not None else None
-            if isinstance(value, torch.Tensor) and value.device.type != "meta" and hasattr(spec.arg, "name"):
-                constants[param_of[spec.arg.name]] = value  # made in forward from Python data: real at trace time
+        for inp in ep.graph_signature.input_specs:
+            value = ep.constants.get(inp.target) if inp.target is not None else None
+            if isinstance(value, torch.Tensor) and value.device.type != "meta" and hasattr(inp.arg, "name"):
+                constants[param_of[inp.arg.name]] = value  # made in forward from Python data: real at trace time
         _retarget_devices(gm, device)
         return RunGraph(gm, param_of, {}, constants)
 
@@ -497,7 +493,7 @@ class ParallelModel:
         """Run the planned forward on sharded inputs (from ``shard_inputs``): the loss as a DTensor."""
         env: dict[str, Any] = {}
         placeholders = iter(inputs)
-        rg = self._rg = self._run_graph(int(inputs[0].shape[0])) if inputs else self._rg
+        rg = self._rg = self._run_graph(self._batch_of(inputs)) if inputs else self._rg
         last_uses = self._last_uses
         for node in rg.gm.graph.nodes:
             if node.op == "placeholder" and node.name in rg.param_of:  # torch.export lifts parameters
@@ -581,6 +577,14 @@ class ParallelModel:
         size = batch // m
         return [slice(i * size, (i + 1) * size) for i in range(m)]
 
+    def _batch_of(self, tensors: Sequence[torch.Tensor]) -> int:
+        call = self.program.call
+        return call.batch_size(tensors) if call is not None else int(tensors[0].shape[0])
+
+    def _slice(self, tensors: Sequence[torch.Tensor], sl: slice) -> tuple[torch.Tensor, ...]:
+        call = self.program.call
+        return call.slice(tensors, sl) if call is not None else tuple(t[sl] for t in tensors)
+
     def forward_backward(self, *tensors: torch.Tensor) -> DTensor:
         """Forward and backward of every micro-batch of a GLOBAL batch, then the gradient sync.
 
@@ -588,8 +592,8 @@ class ParallelModel:
         """
         total: DTensor | None = None
         scale = 1.0 / self.micro_batches
-        for sl in self.micro_slices(int(tensors[0].shape[0])):
-            inputs = self.shard_inputs(*[t[sl] for t in tensors])
+        for sl in self.micro_slices(self._batch_of(tensors)):
+            inputs = self.shard_inputs(*self._slice(tensors, sl))
             loss = self.loss(*inputs) * scale if self.micro_batches > 1 else self.loss(*inputs)
             pl = normalize(loss.placements, loss.ndim)
             loss.to_local(grad_placements=grad_dual(pl)).backward()
@@ -658,9 +662,20 @@ class ParallelModel:
         cons = self.program.consumers.get(node, [])
         return node, cons[0] if len(cons) == 1 else "*"
 
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-        """One step on the same GLOBAL batch on every rank; returns the global mean loss."""
-        loss = self.forward_backward(inputs, targets)
+    def batch_tensors(self, batch: Any, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The flat tensors of a user's batch (dict / tuple / tensor, then targets), in the graph's order."""
+        call = self.program.call
+        if call is None:
+            return (batch, targets) if targets is not None else tuple(batch)
+        return call.flatten(batch, targets)
+
+    def train_step(self, batch: Any, targets: torch.Tensor | None = None) -> float:
+        """One step on the same GLOBAL batch on every rank; returns the global mean loss.
+
+        ``batch`` as the model was planned: a dict of keyword inputs (``train_step(batch_dict)``, labels
+        inside when the model returns its own loss), or inputs then targets (``train_step(inputs, targets)``).
+        """
+        loss = self.forward_backward(*self.batch_tensors(batch, targets))
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -697,11 +712,12 @@ def global_loss(loss: DTensor) -> float:
 
 
 def apply(model: nn.Module, plan: Plan | str, *, optimizer: OptimizerFactory | None = None,
-          example_inputs: Sequence[torch.Tensor] | None = None) -> ParallelModel:
+          example_inputs: Any = None, loss_fn: LossFn | None = None) -> ParallelModel:
     """Distribute ``model`` per ``plan`` on the current process group (call on every rank).
 
     ``optimizer`` is a factory, e.g. ``lambda params: torch.optim.AdamW(params, lr=1e-3)``.
-    ``example_inputs`` is needed only for non-LM plans (to re-trace the model).
+    ``example_inputs`` is needed only for plans that do not record their inputs (older plans);
+    ``loss_fn`` only for plans made with a custom ``loss_fn``.
     """
     import torch.distributed as dist
 
@@ -710,14 +726,17 @@ def apply(model: nn.Module, plan: Plan | str, *, optimizer: OptimizerFactory | N
         raise AutoplanError("autoplan.apply needs an initialised process group: run under torchrun and call "
                             "torch.distributed.init_process_group('gloo') first")
     method = plan.data["model"].get("capture", "auto")
-    meta, inputs_fn = _capture_inputs(model, plan, example_inputs)
-    cap = capture(meta, inputs_fn, method=method)
+    spec = call_spec_for(model, plan, example_inputs, None, loss_fn)
+    meta = meta_clone(model)
+    cap = capture(meta, spec, loss_fn=loss_fn, method=method)
+    spec = cap.call or spec
     graph = build_graph(cap)
     check_plan(plan, graph, dist.get_world_size())
     mesh = make_mesh(plan)
     program = build_program(plan, cap, graph, mesh)
+    program.call = spec
     if cap.method == "export":  # the batch (and the meta device) are baked into the ops: export per batch
-        program.export_at = exporter(meta, inputs_fn, cap.graph_module, torch.device(mesh.device_type))
+        program.export_at = exporter(meta, spec, loss_fn, cap.graph_module, torch.device(mesh.device_type))
     params = distribute_parameters(model, program.params, mesh)
     pm = ParallelModel(model, plan, program, params, None)
     training = plan.data["training"]

@@ -11,12 +11,12 @@ before touching a parameter, and return an object with ``train_step``, ``full_st
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
-import torch
 import torch.nn as nn
 
 from autoplan.errors import AutoplanError
+from autoplan.inputs import LossFn
 from autoplan.plan import Plan
 from autoplan.runtime.apply import OptimizerFactory
 from autoplan.runtime.apply import apply as apply_per_op
@@ -35,7 +35,7 @@ def recipe_supports(model: nn.Module) -> str | None:
     return None
 
 
-def _check_model(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Tensor] | None) -> None:
+def _check_model(model: nn.Module, plan: Plan, example_inputs: Any) -> None:
     """The per-op engine's fingerprint and world-size checks, for a plan the recipe engine runs."""
     import torch.distributed as dist
 
@@ -49,7 +49,7 @@ def _check_model(model: nn.Module, plan: Plan, example_inputs: Sequence[torch.Te
 
 
 def apply(model: nn.Module, plan: Plan | str, *, optimizer: OptimizerFactory | None = None,
-          example_inputs: Sequence[torch.Tensor] | None = None, runtime: str = "auto") -> Any:
+          example_inputs: Any = None, loss_fn: LossFn | None = None, runtime: str = "auto") -> Any:
     """Distribute ``model`` per ``plan`` on the current process group (call on every rank).
 
     ``runtime``: ``auto`` (the plan's execution, falling back to per-op where the plan allows),
@@ -62,13 +62,13 @@ def apply(model: nn.Module, plan: Plan | str, *, optimizer: OptimizerFactory | N
     if runtime == "per-op" or (runtime == "auto" and ex["runtime"] == "per-op"):
         if not plan.ops:
             raise AutoplanError("this plan is a pipeline plan with no per-op form: run it with runtime='auto' or 'recipe'")
-        return apply_per_op(model, plan, optimizer=optimizer, example_inputs=example_inputs)
+        return apply_per_op(model, plan, optimizer=optimizer, example_inputs=example_inputs, loss_fn=loss_fn)
     if ex["runtime"] != "recipe":
         raise AutoplanError("this plan has no recipe form (its execution is per-op): run it with runtime='auto' or 'per-op'")
     why = recipe_supports(model)
     if why is not None:
         if runtime == "auto" and ex.get("fallback") == "per-op" and plan.ops:
-            return apply_per_op(model, plan, optimizer=optimizer, example_inputs=example_inputs)
+            return apply_per_op(model, plan, optimizer=optimizer, example_inputs=example_inputs, loss_fn=loss_fn)
         raise AutoplanError(why)
     from autoplan.runtime.recipe import Recipe, apply_recipe
 

@@ -208,7 +208,7 @@ def check_model(recipe: Recipe, family: Family) -> None:
 
 
 def _lm_loss(logits: torch.Tensor, targets: torch.Tensor, *, vocab_mesh: DeviceMesh | None = None) -> torch.Tensor:
-    """Mean cross-entropy of (B, T, V) logits, in fp32 (as ``autoplan.capture.loss_from_output``).
+    """Mean cross-entropy of (B, T, V) logits, in fp32 (as ``autoplan.inputs.cross_entropy``).
 
     With ``vocab_mesh`` the logits are this tp rank's vocabulary slice (B, T, V/tp) and the loss is
     computed under ``loss_parallel`` (which must also be active during backward)."""

@@ -38,7 +38,7 @@ def build(name: str):
 
 def sgd_check(model_name: str, plan, batch) -> float:
     """Gradient scale check beyond Adam: one SGD step, planned vs one process (max relative param error)."""
-    from autoplan.capture import loss_from_output
+    from autoplan.inputs import cross_entropy
     from autoplan.runtime import apply
 
     model, example = build(model_name)
@@ -47,7 +47,7 @@ def sgd_check(model_name: str, plan, batch) -> float:
                example_inputs=(example,) if example is not None else None)
     pm.train_step(*batch)
     opt = torch.optim.SGD(ref.parameters(), lr=0.5)
-    loss_from_output(ref(batch[0]), batch[1], True).backward()
+    cross_entropy(ref(batch[0]), batch[1]).backward()
     opt.step()
     full = pm.full_state_dict()
     return max(rel(full[n], p.detach()) for n, p in ref.named_parameters())
@@ -95,7 +95,7 @@ def run_moves() -> dict:
 
 def run_case(case: str, batches, seq: int) -> dict:
     import autoplan
-    from autoplan.capture import loss_from_output
+    from autoplan.inputs import cross_entropy
     from autoplan.runtime import apply
     from torch.distributed.tensor.debug import CommDebugMode
 
@@ -139,7 +139,7 @@ def run_case(case: str, batches, seq: int) -> dict:
             pm.optimizer.zero_grad(set_to_none=True)
         else:
             loss = pm.train_step(x, y)
-        ref_loss = loss_from_output(ref(x), y, y.dim() >= 2)
+        ref_loss = cross_entropy(ref(x), y)
         ref_loss.backward()
         if step == 0:
             ref_grads = {n: p.grad.detach().clone() for n, p in ref.named_parameters()}

@@ -40,9 +40,9 @@ def build(name: str):
 
 
 def ref_step(ref, opt, x, y) -> tuple[float, dict[str, torch.Tensor]]:
-    from autoplan.capture import loss_from_output
+    from autoplan.inputs import cross_entropy
 
-    loss = loss_from_output(ref(x), y, True)
+    loss = cross_entropy(ref(x), y)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in ref.named_parameters()}
     opt.step()
@@ -128,7 +128,7 @@ def run_case(spec: str, batches) -> dict:
 
 def sgd_check(name: str, recipe, batch) -> float:
     """One SGD step (lr 0.5): gradients averaged, not summed (max relative parameter error)."""
-    from autoplan.capture import loss_from_output
+    from autoplan.inputs import cross_entropy
     from autoplan.runtime.recipe import apply_recipe
 
     model = build(name)
@@ -136,7 +136,7 @@ def sgd_check(name: str, recipe, batch) -> float:
     rm = apply_recipe(model, recipe, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.5))
     rm.train_step(*batch)
     opt = torch.optim.SGD(ref.parameters(), lr=0.5)
-    loss_from_output(ref(batch[0]), batch[1], True).backward()
+    cross_entropy(ref(batch[0]), batch[1]).backward()
     opt.step()
     full = rm.full_state_dict()
     return max(rel(full[n], p.detach()) for n, p in ref.named_parameters())
