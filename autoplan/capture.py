@@ -8,6 +8,7 @@ known: the planner then prices any micro-batch size without tracing again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy
 import io
 import logging
@@ -258,17 +259,19 @@ _OWN_CODE = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
 
 
 def _user_frame(exc: BaseException) -> tuple[str, str] | None:
-    """(``file:line``, module class) of the innermost frame of the failure outside torch and autoplan."""
-    found = None
+    """(``file:line`` of the innermost frame of the failure outside torch and autoplan, the class of the
+    innermost module whose forward it happened in)."""
+    line, module = None, None
     tb = exc.__traceback__
     while tb is not None:
         frame = tb.tb_frame
         if not frame.f_code.co_filename.startswith(_OWN_CODE):
+            line = f"{frame.f_code.co_filename}:{tb.tb_lineno}"
             owner = frame.f_locals.get("self")
-            module = type(owner).__name__ if isinstance(owner, nn.Module) else frame.f_code.co_name
-            found = (f"{frame.f_code.co_filename}:{tb.tb_lineno}", module)
+            if isinstance(owner, nn.Module):
+                module = type(owner).__name__
         tb = tb.tb_next
-    return found
+    return (line, module or "forward") if line else None
 
 
 def _fix_for(exc: BaseException) -> str:
@@ -305,7 +308,10 @@ def capture(model: nn.Module, spec: CallSpec, *, loss_fn: LossFn | None = None, 
         trace = _trace_symbolic if how == "symbolic_trace" else _trace_export
         try:
             try:
-                return trace(model, spec, loss_fn)
+                cap = trace(model, spec, loss_fn)
+                if spec.loss == "auto":  # traced without needing targets: the output had its own loss
+                    cap = dataclasses.replace(cap, call=dataclasses.replace(spec, loss="model"))
+                return cap
             except NeedsTargets as need:  # no loss in the output: the default cross-entropy, traced again
                 if need.logits_shape is None and not spec.is_lm:  # fx does not know the logits' shape: export does
                     errors.append((how, need))

@@ -17,7 +17,7 @@ dropout is 0 (training steps are deterministic), ``use_cache`` is off, attention
 ``transformers`` is imported lazily inside the builders, so importing this module does not
 need it. Every entry builds, runs forward + backward at batch 2 and 3, and exports with
 ``torch.export.export(model, (), kwargs=inputs, strict=False)`` with transformers 5.25 /
-torch 2.13, except where the table notes otherwise.
+torch 2.13 (MoE entries through ``MOE_EXPERTS``, see there).
 """
 from __future__ import annotations
 
@@ -33,6 +33,11 @@ IMAGE = 32  # image side in pixels (3 channels)
 VOCAB = 256  # vocabulary size of every text model
 NUM_LABELS = 8  # classes of the classification heads
 MEL_BINS = 16  # Whisper's input feature channels
+# How MoE layers run their experts (transformers' `experts_implementation`). "batched_mm" gathers each
+# token's expert weights and uses bmm: static shapes, plain aten ops, identical losses. The library
+# default "grouped_mm" exports to an opaque custom op (`transformers::grouped_mm_fallback`) for fp32
+# weights, and "eager" loops over the experts hit (data-dependent; torch.export fails).
+MOE_EXPERTS = "batched_mm"
 FAMILIES = ("decoder", "moe", "encoder", "encoder-decoder", "vit", "cnn")
 
 Inputs = dict[str, torch.Tensor]
@@ -61,8 +66,11 @@ def _zero_dropout(config: Any) -> None:
             setattr(config, key, 0.0)
 
 
-def _make(config_cls: str, model_cls: str, overrides: dict[str, Any]) -> nn.Module:
-    """``model_cls(config_cls(**overrides))`` with dropout 0, no KV cache, sdpa/eager attention, seed 0."""
+def _make(config_cls: str, model_cls: str, overrides: dict[str, Any], experts: str | None = None) -> nn.Module:
+    """``model_cls(config_cls(**overrides))`` with dropout 0, no KV cache, sdpa/eager attention, seed 0.
+
+    ``experts`` selects the MoE experts implementation (None: the library default).
+    """
     import transformers
 
     config_type = getattr(transformers, config_cls)
@@ -72,6 +80,8 @@ def _make(config_cls: str, model_cls: str, overrides: dict[str, Any]) -> nn.Modu
     if hasattr(config, "use_cache"):
         config.use_cache = False
     config._attn_implementation = "sdpa" if getattr(model_type, "_supports_sdpa", False) else "eager"
+    if experts is not None:
+        config._experts_implementation = experts
     torch.manual_seed(0)
     return model_type(config).train()
 
@@ -90,12 +100,17 @@ def _classes(g: torch.Generator, batch: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- per-family builders
 
+# Classification heads: an explicit problem_type picks plain cross-entropy (DeBERTa-v2's default
+# loss path filters labels with a data-dependent `nonzero`, which torch.export cannot trace).
+_CLASSIFY = dict(num_labels=NUM_LABELS, problem_type="single_label_classification")
+
 
 def _decoder(name: str, feature: str, config_cls: str, model_cls: str, family: str = "decoder", **overrides: Any) -> HFArch:
     """Causal LM: ``input_ids``, ``attention_mask``, ``labels = input_ids`` (the model shifts them)."""
+    experts = MOE_EXPERTS if family == "moe" else None
 
     def build(batch: int) -> tuple[nn.Module, Inputs]:
-        model = _make(config_cls, model_cls, overrides)
+        model = _make(config_cls, model_cls, overrides, experts)
         ids = _tokens(_gen(), batch)
         return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
@@ -105,9 +120,10 @@ def _decoder(name: str, feature: str, config_cls: str, model_cls: str, family: s
 def _encoder(name: str, feature: str, config_cls: str, model_cls: str, **overrides: Any) -> HFArch:
     """Encoder with a sequence-classification head (labels (B,)) or an MLM head (labels (B, T))."""
     mlm = model_cls.endswith("ForMaskedLM")
+    head = {} if mlm else _CLASSIFY
 
     def build(batch: int) -> tuple[nn.Module, Inputs]:
-        model = _make(config_cls, model_cls, {"num_labels": NUM_LABELS, **overrides})
+        model = _make(config_cls, model_cls, {**head, **overrides})
         g = _gen()
         ids = _tokens(g, batch)
         labels = _tokens(g, batch) if mlm else _classes(g, batch)
@@ -145,7 +161,7 @@ def _image(name: str, family: str, feature: str, config_cls: str, model_cls: str
     """Image classifier: ``pixel_values`` (B, 3, IMAGE, IMAGE) + class ``labels`` (B,)."""
 
     def build(batch: int) -> tuple[nn.Module, Inputs]:
-        model = _make(config_cls, model_cls, {"num_labels": NUM_LABELS, **overrides})
+        model = _make(config_cls, model_cls, {**_CLASSIFY, **overrides})
         g = _gen()
         pixels = torch.randn(batch, 3, IMAGE, IMAGE, generator=g)
         return model, {"pixel_values": pixels, "labels": _classes(g, batch)}
@@ -201,7 +217,8 @@ _VIT = dict(
     num_hidden_layers=2,
     num_attention_heads=4,
 )
-_MOE = dict(_LM, num_experts_per_tok=2)
+# MoE: top-2 routing; the loss includes the router's load-balancing loss (not in DeepSeek-V3, which has none).
+_MOE = dict(_LM, num_experts_per_tok=2, output_router_logits=True)
 
 
 # --------------------------------------------------------------------------- the catalogue
@@ -307,23 +324,29 @@ ARCHS: tuple[HFArch, ...] = (
     ),
     _speech2seq(
         "whisper", "conv audio front-end", "WhisperConfig", "WhisperForConditionalGeneration",
-        **{k: v for k, v in _BART.items() if k != "max_position_embeddings"},
+        **{k: v for k, v in _BART.items() if k not in ("max_position_embeddings", "forced_eos_token_id")},
         num_mel_bins=MEL_BINS, max_source_positions=16, max_target_positions=32, begin_suppress_tokens=None,
     ),
     # ---- vision transformers
     _image("vit", "vit", "CLS-token classifier", "ViTConfig", "ViTForImageClassification", **_VIT),
-    _image("deit", "vit", "distillation token", "DeiTConfig", "DeiTForImageClassification", **_VIT),
+    # DeiT and BEiT zero-initialise their CLS (and distillation) tokens (and DeiT its position
+    # embeddings): with the default layer_norm_eps=1e-12 the first LayerNorm of an all-zero token
+    # makes the gradient norm ~6e4 (DeiT) / ~3e2 (BEiT); eps=1e-6 keeps it ~1e1.
+    _image(
+        "deit", "vit", "distillation token", "DeiTConfig", "DeiTForImageClassification", **_VIT, layer_norm_eps=1e-6,
+    ),
     _image(
         "swin", "vit", "shifted windows, patch merging", "SwinConfig", "SwinForImageClassification",
         image_size=IMAGE, patch_size=4, embed_dim=32, depths=[2, 2], num_heads=[4, 4], window_size=4,
     ),
     _image(
         "beit", "vit", "relative position bias, layer scale", "BeitConfig", "BeitForImageClassification",
-        **_VIT, use_relative_position_bias=True,
+        **_VIT, use_relative_position_bias=True, layer_norm_eps=1e-6,
     ),
     _image(
         "dinov2", "vit", "SwiGLU, layer scale", "Dinov2Config", "Dinov2ForImageClassification",
         **{k: v for k, v in _VIT.items() if k != "intermediate_size"}, mlp_ratio=2, use_swiglu_ffn=True,
+        use_mask_token=False,  # the mask token is only used with bool_masked_pos: it would get no gradient
     ),
     # ---- CNNs (2 stages)
     _image(
@@ -339,12 +362,14 @@ ARCHS: tuple[HFArch, ...] = (
         embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], groups_width=8,
     ),
     # EfficientNet scales every base width by width_coefficient (and the head is round(1280 * w)), so the
-    # base widths below are 20x the real ones: stem 8 -> MBConv 16 -> MBConv 32 -> head 64.
+    # base widths below are 20x the real ones: stem 8 -> MBConv 16 -> MBConv 32 -> head 64. Its init draws
+    # BatchNorm weights from N(0, initializer_range): at the default 0.02 the activations vanish through the
+    # stacked BatchNorms (logits ~1e-14, loss exactly ln 8), hence 0.5.
     _image(
         "efficientnet", "cnn", "MBConv, squeeze-excite", "EfficientNetConfig", "EfficientNetForImageClassification",
         image_size=IMAGE, width_coefficient=0.05, depth_coefficient=1.0, kernel_sizes=[3, 3],
         in_channels=[32, 320], out_channels=[320, 640], strides=[2, 2], num_block_repeats=[1, 1],
-        expand_ratios=[1, 4], hidden_dim=64,
+        expand_ratios=[1, 4], squeeze_expansion_ratio=0.5, hidden_dim=64, initializer_range=0.5,
     ),
 )
 
