@@ -8,6 +8,7 @@ fits (branch and bound: the result is the exact optimum over the enumerated spac
 """
 from __future__ import annotations
 
+import heapq
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -99,6 +100,57 @@ def _solve_constrained(priced: Priced, options: SearchOptions, hint: list[int] |
     return make_solution(priced.problem, red.expand(sol.choice), sol.solver, started, sol.gap)
 
 
+def _unconstrained(priced: Priced, solver_seconds: dict[str, float]) -> Solution | None:
+    """The configuration's optimum without the memory limit (exact; a lower bound of the limited one)."""
+    p = priced.problem
+    try:
+        sol = solve_reduced(Problem(p.node_cost, p.node_mem, p.edges))
+    except InfeasibleError:
+        return None
+    solver_seconds["dp"] = solver_seconds.get("dp", 0.0) + sol.seconds
+    return sol
+
+
+def dominates(cheap: Problem, dear: Problem) -> bool:
+    """Is every cost of ``dear`` (each node strategy, each edge pair) at least ``cheap``'s, on the same graph?
+    Then ``dear``'s optimum is at least ``cheap``'s: a lower bound without solving ``dear``."""
+    if len(cheap.node_cost) != len(dear.node_cost) or len(cheap.edges) != len(dear.edges):
+        return False
+    for a, b in zip(cheap.node_cost, dear.node_cost):
+        if a.shape != b.shape or not np.all(b >= a):
+            return False
+    for (u, v, a), (x, y, b) in zip(cheap.edges, dear.edges):
+        if (u, v) != (x, y) or a.shape != b.shape or not np.all(b >= a):
+            return False
+    return True
+
+
+def _lazy_bounds(configs, pricings, tying, budget, masks, solver_seconds, progress) -> list:
+    """A heap of (lower bound, tie-break, mesh, config, priced, unconstrained solution or None).
+
+    Per mesh the first configuration (fewest micro-batches, no recompute) is solved; a configuration whose
+    every cost is at least that one's (more micro-batches or recompute only add work) borrows its optimum
+    as a lower bound and is solved only if the branch and bound reaches it."""
+    heap: list = []
+    base: dict[Mesh, tuple[Priced, Solution | None]] = {}
+    for done, (msh, cfg) in enumerate(configs):
+        if progress is not None:
+            progress("configurations", done, len(configs))
+        priced = assemble(pricings[msh], tying, cfg, budget)
+        if masks:
+            priced = _restrict(priced, masks[msh])
+        first = base.get(msh)
+        if first is not None and first[1] is not None and dominates(first[0].problem, priced.problem):
+            heapq.heappush(heap, (first[1].cost, done, msh, cfg, priced, None))
+            continue
+        sol = _unconstrained(priced, solver_seconds)
+        if first is None:
+            base[msh] = (priced, sol)
+        if sol is not None:
+            heapq.heappush(heap, (sol.cost, done, msh, cfg, priced, sol))
+    return heap
+
+
 def search(
     graph: OpGraph,
     tying: Tying,
@@ -135,29 +187,21 @@ def search(
     masks = {msh: _masks(graph, pricings[msh], allow) for msh in meshes} if allow else {}
     configs = [(msh, StepConfig(global_batch, m, rc, options.dtype)) for msh in meshes for m in counts for rc in recomputes]
     solver_seconds: dict[str, float] = {}
-    bounds = []
-    for done, (msh, cfg) in enumerate(configs):
-        if progress is not None:
-            progress("configurations", done, len(configs))
-        priced = assemble(pricings[msh], tying, cfg, budget)
-        if allow:
-            priced = _restrict(priced, masks[msh])
-        unconstrained = Problem(priced.problem.node_cost, priced.problem.node_mem, priced.problem.edges)
-        try:
-            sol = solve_reduced(unconstrained)
-        except InfeasibleError:
-            continue
-        solver_seconds["dp"] = solver_seconds.get("dp", 0.0) + sol.seconds
-        bounds.append((sol.cost, msh, cfg, priced, sol))
-    bounds.sort(key=lambda b: b[0])
+    bounds = _lazy_bounds(configs, pricings, tying, budget, masks, solver_seconds, progress)
     evaluated: list[Evaluated] = []
     min_mem = float("inf")
     solved = 0
     incumbent = float("inf")
     pending = []  # (lower bound, config) whose Lagrangian bound did not close: the ILP decides
-    for bound, msh, cfg, priced, sol in bounds:
-        if bound >= incumbent and len(evaluated) >= RUNNERS_UP:
-            break
+    while bounds:
+        bound, order, msh, cfg, priced, sol = heapq.heappop(bounds)
+        if bound >= incumbent and (len(evaluated) >= RUNNERS_UP or sol is None):
+            break  # nothing left can beat the best; runners-up are those already solved
+        if sol is None:  # a bound borrowed from a dominated configuration: solve it now, and visit it in order
+            sol = _unconstrained(priced, solver_seconds)
+            if sol is not None:
+                heapq.heappush(bounds, (sol.cost, order, msh, cfg, priced, sol))
+            continue
         floor = min_memory(priced.problem)
         if floor > budget:
             min_mem = min(min_mem, floor)

@@ -87,7 +87,7 @@ def test_plan_round_trips_through_json_with_all_promised_fields(tmp_path):
     assert set(d["baselines"]) == {"ddp", "fsdp", "megatron"}
     for field in ("step_time_s", "compute_s", "comm_s", "peak_memory_bytes", "mfu", "fits", "per_layer"):
         assert field in d["predicted"]
-    assert d["solver"]["name"] in ("dp", "ilp") and d["solver"]["gap"] >= 0
+    assert d["solver"]["name"] in ("dp", "eliminate", "ilp") and d["solver"]["gap"] >= 0
     assert len(d["params"]) == len({n for n, _ in _named_params("gpt-tiny")})
     assert all(len(p) == len(d["mesh"]["shape"]) for p in d["params"].values())
 

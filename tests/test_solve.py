@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from autoplan.errors import InfeasibleError
-from autoplan.solve import Problem, Solution, dp_table_size, solve_brute, solve_dp, solve_ilp
+from autoplan.solve import Problem, Solution, dp_table_size, solve_brute, solve_dp, solve_eliminate, solve_ilp
 
 Solver = Callable[[Problem], Solution]
 SETTINGS = settings(
@@ -88,6 +88,24 @@ def assert_matches_brute_force(p: Problem, solve: Solver) -> None:
 @given(problems(budgeted=False))
 def test_dp_matches_brute_force_unconstrained(p: Problem) -> None:
     assert_matches_brute_force(p, solve_dp)
+
+
+@SETTINGS
+@given(problems(budgeted=False))
+def test_variable_elimination_matches_brute_force_unconstrained(p: Problem) -> None:
+    assert_matches_brute_force(p, solve_eliminate)
+
+
+def test_variable_elimination_keeps_tables_small_where_every_block_reads_one_shared_node() -> None:
+    """A mask read by each of 24 chained blocks: the path-ordered DP's sets grow, elimination's do not."""
+    rng = np.random.default_rng(0)
+    blocks, k = 24, 6
+    n = 2 * blocks + 1  # node 0 is the shared mask; blocks are (attention, mlp) pairs in a chain
+    edges = [(0, 1 + 2 * b, rng.random((k, k))) for b in range(blocks)]
+    edges += [(i, i + 1, rng.random((k, k))) for i in range(1, n - 1)]
+    p = Problem(tuple(rng.random(k) for _ in range(n)), tuple(np.zeros(k) for _ in range(n)), tuple(edges))
+    got = solve_eliminate(p, max_table_size=k ** 3)
+    assert got.solver == "eliminate" and got.cost == pytest.approx(solve_ilp(p).cost, rel=1e-9)
 
 
 @SETTINGS

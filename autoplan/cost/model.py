@@ -415,8 +415,16 @@ def _edge_terms(u: OpNode, pos: int, su, sv, mesh: Mesh, links, dtype: str, exac
             moves[key] = _move_seconds(shape, eb, by_id[src], by_id[dst], mesh.shape, links, bucket)
         return moves[key]
 
+    tables = memo.setdefault("tables", {})  # edges alike in shape and placements share their tables
+
     def matrices(b: int) -> np.ndarray:
         shape = u.out.shape(b)
+        key = (shape, eb, grads, bucket, tuple(out_ids), tuple(back_ids), tuple(need_ids), tuple(grad_ids))
+        if key not in tables:
+            tables[key] = unique_matrices(shape)
+        return tables[key][:, ui][:, :, vi]
+
+    def unique_matrices(shape: tuple[int, ...]) -> np.ndarray:
         res = np.zeros((3, len(outs), len(needs)))
         for a in range(len(outs)):
             o, back = out_ids[a], back_ids[a]
@@ -424,7 +432,7 @@ def _edge_terms(u: OpNode, pos: int, su, sv, mesh: Mesh, links, dtype: str, exac
                 res[0, a, k] = move(shape, o, need_ids[k])[0]
                 if grads:
                     res[1, a, k], res[2, a, k] = move(shape, grad_ids[k], back)
-        return res[:, ui][:, :, vi]
+        return res
 
     fit = _fit(matrices, exact, batch_free=not u.out.batch_dims)
     if isinstance(fit, Exact):

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from autoplan.solve.dp import solve_dp
+from autoplan.solve.eliminate import solve_eliminate
+from autoplan.solve.ilp import solve_ilp
 from autoplan.solve.problem import Problem, Solution, make_solution, merge_edges
 
 
@@ -135,11 +137,12 @@ def solve_reduced(p: Problem, *, max_table_size: int = 50_000_000) -> Solution:
     choice: tuple[int, ...] = ()
     solver, gap = "dp", 0.0
     if red.survivors:
-        try:
-            choice = solve_dp(red.problem, max_table_size=max_table_size).choice
-        except ValueError:  # dependent sets too wide for the DP tables: CP-SAT on what is left
-            from autoplan.solve.ilp import solve_ilp
-
-            sol = solve_ilp(red.problem, time_limit_s=60.0, threads=2)
-            choice, solver, gap = sol.choice, "ilp", sol.gap
+        try:  # elimination on a min-fill order (a tree decomposition), else the path-ordered DP, else CP-SAT
+            sol = solve_eliminate(red.problem, max_table_size=max_table_size)
+        except ValueError:
+            try:
+                sol = solve_dp(red.problem, max_table_size=max_table_size)
+            except ValueError:  # tables too wide for either: CP-SAT on what is left
+                sol = solve_ilp(red.problem, time_limit_s=60.0, threads=2)
+        choice, solver, gap = sol.choice, sol.solver, sol.gap
     return make_solution(p, red.expand(choice), solver, started, gap)
