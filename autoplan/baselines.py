@@ -12,7 +12,8 @@ from typing import Callable
 from autoplan.errors import AutoplanError
 from autoplan.graph import OpNode
 from autoplan.mesh import Mesh
-from autoplan.strategies import Replicate, Shard, Strategy
+from autoplan.strategies import Replicate, Shard
+from autoplan.strategies.expand import Strategy
 
 Allow = Callable[[OpNode, Strategy], bool]
 FAMILIES = ("ddp", "fsdp", "megatron")

@@ -31,7 +31,8 @@ from autoplan.mesh import Mesh
 from autoplan.planner import Job
 from autoplan.solve import Problem
 from autoplan.solve.reduce import solve_reduced
-from autoplan.strategies import Replicate, Shard, Strategy
+from autoplan.strategies import Replicate, Shard
+from autoplan.strategies.expand import Strategy
 
 OPTIMIZER_STATE_BYTES = 12  # fp32 master weight, Adam m and v (of STATE_BYTES_PER_PARAM)
 GRAD_BYTES = 2

@@ -24,7 +24,8 @@ from typing import Any, Mapping
 from autoplan.baselines import allow_for
 from autoplan.graph import OpGraph
 from autoplan.mesh import Mesh
-from autoplan.strategies import Replicate, Shard, Strategy
+from autoplan.strategies import Replicate, Shard
+from autoplan.strategies.expand import Strategy
 
 # Megatron's split of the zoo's transformer blocks (names of the Linear modules)
 COLUMN_PARALLEL = ("qkv", "fc", "wq", "wk", "wv", "w1", "w3")

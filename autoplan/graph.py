@@ -6,8 +6,8 @@ ops become one node per output, and parameters become nodes of their own. Shapes
 unit of batch so any micro-batch size can be priced. Repeated layers (the N identical blocks of
 a transformer) are found so the solver can price one block and reuse it.
 
-To support a new op: add its spellings to ``KINDS`` (and a FLOP formula to ``_FLOPS`` if it
-computes), then its sharding rules in ``autoplan/strategies/rules.py``.
+Kinds, FLOPs and what each op saves for backward come from the op registry (``autoplan/ops``):
+to support a new op, register it there.
 """
 from __future__ import annotations
 
@@ -21,80 +21,24 @@ from typing import Any, Iterable
 import networkx as nx
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
+from autoplan import ops
 from autoplan.capture import Captured
 from autoplan.errors import CaptureError
+from autoplan.ops import ALIAS_KINDS, RuleCtx, base_name, kind_of
 
-aten = torch.ops.aten
+SPLIT_SPELLINGS = ("split", "chunk", "unbind", "tensor_split", torch.split, torch.chunk, torch.unbind, torch.tensor_split,
+                   torch.ops.aten.split, torch.ops.aten.chunk, torch.ops.aten.unbind, torch.ops.aten.split_with_sizes,
+                   torch.ops.aten.tensor_split)  # multi-output views: each part becomes a "split" node
 
-# kind -> spellings (functions, aten overloads/packets, method names)
-KINDS: dict[str, tuple[Any, ...]] = {
-    "linear": (F.linear, aten.linear),
-    "addmm": (torch.addmm, aten.addmm),
-    "matmul": (torch.matmul, operator.matmul, torch.bmm, torch.mm, aten.matmul, aten.mm, aten.bmm, "matmul", "bmm", "mm"),
-    "embedding": (F.embedding, aten.embedding),
-    "layer_norm": (F.layer_norm, aten.layer_norm),
-    "rms_norm": (F.rms_norm, aten.rms_norm),
-    "softmax": (F.softmax, torch.softmax, aten.softmax, aten._softmax, "softmax"),
-    "sdpa": (F.scaled_dot_product_attention, aten.scaled_dot_product_attention),
-    "dropout": (F.dropout, aten.dropout, torch.dropout),
-    "cross_entropy": (F.cross_entropy, aten.cross_entropy_loss),
-    "conv2d": (F.conv2d, aten.conv2d, torch.conv2d),
-    "cat": (torch.cat, torch.concat, aten.cat),
-    "view": (
-        "view", "reshape", "flatten", "unflatten", "contiguous", "unsqueeze", "squeeze", "view_as", "reshape_as",
-        torch.reshape, torch.flatten, torch.unsqueeze, torch.squeeze,
-        aten.view, aten.reshape, aten._unsafe_view, aten.contiguous, aten.unsqueeze, aten.squeeze, aten.flatten, aten.clone,
-        "clone", torch.clone, "detach", aten.detach, aten.alias,
-    ),
-    "transpose": ("transpose", "permute", "t", "mT", torch.transpose, torch.permute, torch.t, aten.transpose, aten.permute, aten.t),
-    "expand": ("expand", "expand_as", aten.expand, "repeat_interleave", torch.repeat_interleave),
-    "reduce": ("sum", "mean", torch.sum, torch.mean, aten.sum, aten.mean),
-    "pool": (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, aten.max_pool2d, aten.avg_pool2d, aten.adaptive_avg_pool2d),
-    "elementwise": (
-        operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow, operator.iadd, operator.imul,
-        torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.rsqrt, torch.sqrt, torch.exp, torch.tanh,
-        torch.sigmoid, torch.sin, torch.cos, torch.where, torch.relu,
-        F.gelu, F.silu, F.relu, F.tanh, F.sigmoid, F.softplus, F.leaky_relu, F.relu6,
-        "add", "sub", "mul", "div", "neg", "pow", "rsqrt", "sqrt", "exp", "tanh", "sigmoid", "relu", "float", "half",
-        "bfloat16", "to", "type_as", "type", "masked_fill", "sin", "cos", "__add__", "__mul__", "__radd__", "__rmul__",
-        aten.add, aten.sub, aten.mul, aten.div, aten.neg, aten.pow, aten.rsqrt, aten.sqrt, aten.exp, aten.tanh,
-        aten.sigmoid, aten.gelu, aten.silu, aten.relu, aten._to_copy, aten.to, aten.where, aten.masked_fill, aten.sin,
-        aten.cos, aten.type_as,
-    ),
-    "slice": ("narrow", torch.narrow, aten.narrow, aten.slice),
-    "constant": (torch.arange, torch.zeros, torch.ones, torch.full, torch.empty, aten.arange, aten.zeros, aten.ones, aten.full),
-}
-SPLIT_SPELLINGS = ("split", "chunk", "unbind", torch.split, torch.chunk, torch.unbind, aten.split, aten.chunk, aten.unbind, aten.split_with_sizes)
-SHAPE_ONLY_SECOND_ARG = frozenset({"type_as", "view_as", "reshape_as", "expand_as", "new_zeros", "new_ones", "new_empty", "new_full"})
-ALIAS_KINDS = frozenset({"view", "transpose", "expand", "split", "slice", "param", "buffer", "input", "constant"})
-COMPUTE_KINDS = frozenset({"linear", "matmul", "conv2d", "sdpa"})
-
-
-def _spelling_table() -> dict[Any, str]:
-    table: dict[Any, str] = {}
-    for kind, spellings in KINDS.items():
-        for s in spellings:
-            table[s] = kind
-    return table
-
-
-_TABLE = _spelling_table()
-
-
-def _key(target: Any) -> Any:
-    """aten overloads (aten.add.Tensor) are looked up by their packet (aten.add)."""
-    packet = getattr(target, "overloadpacket", None)
-    return packet if packet is not None else target
-
-
-def _lookup(target: Any, table: dict[Any, str]) -> str | None:
+def _is_split(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in SPLIT_SPELLINGS
+    packet = getattr(node.target, "overloadpacket", node.target)
     try:
-        return table.get(_key(target))
-    except TypeError:  # unhashable target
-        return None
-
+        return node.op == "call_function" and packet in SPLIT_SPELLINGS
+    except TypeError:
+        return False
 
 @dataclass(frozen=True)
 class Tensor:
@@ -114,7 +58,6 @@ class Tensor:
     def is_float(self) -> bool:
         return self.dtype.is_floating_point
 
-
 @dataclass
 class OpNode:
     name: str  # fx node name
@@ -127,7 +70,6 @@ class OpNode:
     param: str | None = None  # qualified name for kind "param"/"buffer"
     trainable: bool = False
     constant: bool = False  # computed from buffers and constants only: carries no gradient
-
 
 @dataclass
 class OpGraph:
@@ -163,10 +105,8 @@ class OpGraph:
                 out.add(n.name)
         return frozenset(out)
 
-
 # ----------------------------------------------------------------------------------------------
 # conversion from fx
-
 
 def _target_name(node: fx.Node) -> str:
     t = node.target
@@ -174,13 +114,8 @@ def _target_name(node: fx.Node) -> str:
         return t
     return getattr(t, "__name__", None) or str(t)
 
-
 def _classify(node: fx.Node) -> str:
-    if node.op == "call_method":
-        return _TABLE.get(node.target, "unknown")
-    kind = _lookup(node.target, _TABLE)
-    return kind or "unknown"
-
+    return kind_of(node.target) or "unknown"
 
 def _tensor_from_metas(metas: list[Any], name: str, probes: tuple[int, ...]) -> Tensor:
     if len(probes) == 1:  # one propagation at a prime batch
@@ -202,7 +137,6 @@ def _tensor_from_metas(metas: list[Any], name: str, probes: tuple[int, ...]) -> 
             raise CaptureError(f"op {name} has dim {d} of size {x} at batch {b2} and {y} at batch {b3}: not proportional to the batch")
     return Tensor(tuple(base), frozenset(batch_dims), dtype)
 
-
 def _module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if not stack:
@@ -211,7 +145,6 @@ def _module_path(node: fx.Node) -> str:
     path = path[0] if isinstance(path, tuple) else str(path)
     path = re.sub(r"^L\['self'\]\.?", "", path)
     return path.removeprefix("model.").removeprefix("model")
-
 
 def _flatten_args(args: Iterable[Any]) -> list[Any]:
     out: list[Any] = []
@@ -224,7 +157,6 @@ def _flatten_args(args: Iterable[Any]) -> list[Any]:
             out.append(a)
     return out
 
-
 def _const_args(node: fx.Node) -> dict[str, Any]:
     """Constant (non-Node) positional and keyword args, for rules that need a dim or an index."""
     def const(a: Any) -> bool:
@@ -233,7 +165,6 @@ def _const_args(node: fx.Node) -> dict[str, Any]:
     pos = {f"arg{i}": a for i, a in enumerate(node.args) if const(a)}
     kw = {k: v for k, v in node.kwargs.items() if const(v)}
     return {**pos, **kw}
-
 
 def build_graph(cap: Captured) -> OpGraph:
     """Normalise a captured fx graph into the planner's IR."""
@@ -260,10 +191,7 @@ def build_graph(cap: Captured) -> OpGraph:
             out = _tensor_from_metas([metas2[parent][idx], metas3[parent][idx]], node.name, cap.probes)
             nodes[node.name] = OpNode(node.name, "split", "split", (src_name,), out, kind_attrs, _module_path(node))
             continue
-        is_split = node.op in ("call_method", "call_function") and (
-            (node.op == "call_method" and node.target in SPLIT_SPELLINGS) or _lookup(node.target, {s: "split" for s in SPLIT_SPELLINGS if not isinstance(s, str)})
-        )
-        if is_split and isinstance(m2, tuple) and m2 and isinstance(m2[0], tuple) and isinstance(m2[0][0], tuple):
+        if _is_split(node) and isinstance(m2, tuple) and m2 and isinstance(m2[0], tuple) and isinstance(m2[0][0], tuple):
             src = next(a for a in _flatten_args([node.args]) if isinstance(a, fx.Node))
             split_of[node.name] = (src.name, m2)
             continue
@@ -271,8 +199,6 @@ def build_graph(cap: Captured) -> OpGraph:
             continue  # not a single tensor (sizes, tuples of ints, ...)
         out = _tensor_from_metas([m2, m3], node.name, cap.probes)
         inputs = tuple(a.name for a in _flatten_args([node.args, node.kwargs]) if isinstance(a, fx.Node) and a.name in nodes)
-        if _target_name(node) in SHAPE_ONLY_SECOND_ARG:
-            inputs = inputs[:1]  # x.type_as(y), x.view_as(y): y lends a dtype or shape, no data
         module = _module_path(node)
         if node.op == "placeholder" or node.op == "get_attr":
             qual = cap.param_names.get(node.name)
@@ -290,6 +216,8 @@ def build_graph(cap: Captured) -> OpGraph:
             kind, target = _classify(node), _target_name(node)
         if node.op == "call_function" and node.target is operator.getitem:
             kind = "slice"
+        keep = ops.get(kind).data_inputs(base_name(target))
+        inputs = inputs if keep is None else inputs[:keep]  # x.type_as(y), zeros_like(x): the rest lend a shape
         attrs = _const_args(node)
         nodes[node.name] = OpNode(node.name, kind, target, inputs, out, attrs, module)
     if not loss:
@@ -306,7 +234,6 @@ def build_graph(cap: Captured) -> OpGraph:
         nodes[name].constant = True
     return graph
 
-
 def _merge_duplicate_params(nodes: dict[str, OpNode]) -> None:
     """Tied weights traced as several get_attr nodes become one parameter node."""
     first: dict[str, str] = {}
@@ -322,7 +249,6 @@ def _merge_duplicate_params(nodes: dict[str, OpNode]) -> None:
         for n in nodes.values():
             n.inputs = tuple(alias.get(i, i) for i in n.inputs)
 
-
 def _fingerprint(nodes: dict[str, OpNode]) -> str:
     h = hashlib.sha256()
     for n in nodes.values():
@@ -332,56 +258,26 @@ def _fingerprint(nodes: dict[str, OpNode]) -> str:
             h.update(f"{n.kind}:{len(n.inputs)};".encode())
     return h.hexdigest()[:16]
 
-
 # ----------------------------------------------------------------------------------------------
 # FLOPs and bytes of one forward pass
-
 
 def needs_value_in_backward(consumer: OpNode, pos: int) -> bool:
     """Does ``consumer``'s backward read input ``pos`` (so FSDP must gather that weight again)?
 
     A bias, an embedding table or a summand is not read: their gradients need only the output
-    gradient (and the indices).
+    gradient (and the indices). The op's registry entry says (``OpKind.reads_weight``).
     """
-    kind = consumer.kind
-    if kind == "linear" or kind == "conv2d":
-        return pos == 1
-    if kind == "addmm":
-        return pos in (1, 2)
-    if kind in ("layer_norm", "rms_norm"):
-        return True  # aten's norm backward takes weight and bias
-    if kind == "embedding":
-        return False
-    if kind == "elementwise":
-        name = consumer.target.removeprefix("aten.").split(".")[0]
-        return name not in ("add", "sub", "iadd", "__add__", "__radd__", "neg")
-    return True
-
-
-_NOT_READ_BY_BACKWARD = frozenset({"add", "sub", "iadd", "__add__", "__radd__", "neg", "float", "half", "bfloat16",
-                                   "to", "_to_copy", "type_as", "type", "masked_fill", "where"})
-_SAVES_OWN_OUTPUT = frozenset({"sdpa", "softmax", "cross_entropy"})  # flash's output and log-sum-exp; softmax's output
-
+    return ops.get(consumer.kind).reads_weight(base_name(consumer.target), pos)
 
 def _reads_input(consumer: OpNode, pos: int) -> bool:
-    """Does autograd keep ``consumer``'s input ``pos`` for backward (as PyTorch's derivative formulas do)?"""
-    kind = consumer.kind
-    if kind in ("layer_norm", "rms_norm"):
-        return pos == 0  # the input (its statistics are small); the weight is a parameter
-    if kind in ("dropout", "embedding", "cat", "reduce"):
-        return False  # a mask, the indices, nothing: counted elsewhere or small
-    if kind == "sdpa":
-        return pos < 3
-    if kind == "elementwise":
-        return consumer.target.removeprefix("aten.").split(".")[0] not in _NOT_READ_BY_BACKWARD
-    return kind not in ALIAS_KINDS
-
+    """Does autograd keep ``consumer``'s input ``pos`` for backward (``OpKind.saves_input``)?"""
+    return ops.get(consumer.kind).saves_input(base_name(consumer.target), pos)
 
 def saved_fraction(graph: OpGraph, name: str, elem_bytes: int) -> float:
     """Fraction of ``name``'s output bytes kept alive for backward: 1 when the op itself or any consumer
     (looking through views) saves it, a dropout's mask (1 byte per element), else 0."""
     node = graph.nodes[name]
-    if node.kind in _SAVES_OWN_OUTPUT:
+    if ops.get(node.kind).saves_output:
         return 1.0
     seen: set[str] = set()
     stack = [name]
@@ -399,27 +295,15 @@ def saved_fraction(graph: OpGraph, name: str, elem_bytes: int) -> float:
         return 1.0 / max(elem_bytes, 1)
     return 0.0
 
+def op_context(graph: OpGraph, node: OpNode, batch: int) -> RuleCtx:
+    """The op as its registry entry sees it: input and output shapes at ``batch``, constant arguments."""
+    ins = [graph.nodes[i].out for i in node.inputs]
+    return RuleCtx(tuple(t.shape(batch) for t in ins), tuple(t.dtype for t in ins), node.out.shape(batch), node.attrs,
+                   node.target)
 
 def forward_flops(graph: OpGraph, node: OpNode, batch: int) -> float:
     """FLOPs of the op's forward at ``batch`` (global, unsharded); backward is priced as 2x."""
-    out = node.out.numel(batch)
-    ins = [graph.nodes[i].out for i in node.inputs]
-    if node.kind == "linear":
-        return 2.0 * out * ins[0].shape(batch)[-1]
-    if node.kind == "matmul":
-        return 2.0 * out * ins[0].shape(batch)[-1]
-    if node.kind == "addmm":  # addmm(bias, x, w): x (M, K) @ w (K, N) + bias
-        return 2.0 * out * ins[1].shape(batch)[-1]
-    if node.kind == "conv2d":
-        w = ins[1].shape(batch)
-        groups = int(node.attrs.get("groups", node.attrs.get("arg6", 1)) or 1)
-        return 2.0 * out * (w[1] if groups else w[1]) * w[2] * w[3]
-    if node.kind == "sdpa":
-        q, k = ins[0].shape(batch), ins[1].shape(batch)
-        t, d = q[-2], q[-1]
-        return 4.0 * math.prod(q[:-2]) * t * k[-2] * d  # QK^T and AV (no causal discount, as Megatron counts)
-    if node.kind in ("layer_norm", "rms_norm", "softmax", "cross_entropy"):
-        return 5.0 * ins[0].numel(batch) if ins else float(out)
-    if node.kind in ("elementwise", "dropout", "reduce", "pool"):
-        return float(max(out, ins[0].numel(batch) if ins else 0))
-    return 0.0
+    entry = ops.get(node.kind)
+    if entry.alias:
+        return 0.0
+    return float(entry.flops(op_context(graph, node, batch)))

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from autoplan.strategies.placement import Partial, Replicate, Shard
-from autoplan.strategies.rules import RULES, RuleCtx, view_groups
+from autoplan.ops import RuleCtx, get
+from autoplan.ops.shape import view_groups
 
 N = 2  # ranks on the axis
 
@@ -35,7 +36,7 @@ def _combine(outs: list[torch.Tensor], p) -> torch.Tensor:
 def _check(kind: str, fn, tensors: list[torch.Tensor], attrs: dict | None = None, target: str = "", skip=()):
     expected = fn(*tensors)
     ctx = RuleCtx(tuple(tuple(t.shape) for t in tensors), tuple(t.dtype for t in tensors), tuple(expected.shape), attrs or {}, target)
-    rules = RULES[kind](ctx)
+    rules = get(kind).rule(ctx)
     assert rules, f"{kind} has no rules"
     checked = 0
     for r in rules:
@@ -89,7 +90,7 @@ def test_elementwise_rules_handle_broadcasting_and_partial_inputs():
 
 def test_adding_a_scalar_to_a_partial_value_is_not_allowed():
     ctx = RuleCtx(((4, 8),), (torch.float32,), (4, 8), {"arg1": 1.0}, "add")
-    assert not any(isinstance(r.out, Partial) for r in RULES["elementwise"](ctx))
+    assert not any(isinstance(r.out, Partial) for r in get("elementwise").rule(ctx))
 
 
 def test_view_transpose_split_cat_rules_move_the_sharded_dim_correctly():
@@ -111,7 +112,7 @@ def test_view_groups_pair_the_outermost_dims_of_merged_and_split_groups():
 def test_embedding_rules_shard_tokens_and_hidden_size():
     idx, w = torch.randint(0, 10, (4, 6)), torch.randn(10, 8)
     ctx = RuleCtx(((4, 6), (10, 8)), (torch.int64, torch.float32), (4, 6, 8), {}, "embedding")
-    vocab = [r for r in RULES["embedding"](ctx) if isinstance(r.out, Partial)]
+    vocab = [r for r in get("embedding").rule(ctx) if isinstance(r.out, Partial)]
     assert vocab and vocab[0].ins == (Replicate(), Shard(0))  # masked lookup: runtime-specific
     _check("embedding", F.embedding, [idx, w], skip=tuple(vocab))
 
@@ -119,16 +120,16 @@ def test_embedding_rules_shard_tokens_and_hidden_size():
 def test_cross_entropy_row_split_gives_a_partial_mean():
     logits, tgt = torch.randn(8, 10), torch.randint(0, 10, (8,))
     ctx = RuleCtx(((8, 10), (8,)), (torch.float32, torch.int64), (), {}, "cross_entropy")
-    rows = [r for r in RULES["cross_entropy"](ctx) if r.ins[0] == Shard(0)]
+    rows = [r for r in get("cross_entropy").rule(ctx) if r.ins[0] == Shard(0)]
     pieces = list(zip(logits.chunk(N), tgt.chunk(N)))
     total = sum(F.cross_entropy(a, b) * a.shape[0] / logits.shape[0] for a, b in pieces)
     torch.testing.assert_close(total, F.cross_entropy(logits, tgt))
     assert rows and isinstance(rows[0].out, Partial)
-    vocab = [r for r in RULES["cross_entropy"](ctx) if r.ins[0] == Shard(1)]
+    vocab = [r for r in get("cross_entropy").rule(ctx) if r.ins[0] == Shard(1)]
     assert vocab and vocab[0].comm and vocab[0].comm[0][0] == "all_reduce"
 
 
-@pytest.mark.parametrize("kind", ["conv2d"])
+@pytest.mark.parametrize("kind", ["conv"])
 def test_conv2d_rules_split_batch_output_and_input_channels(kind):
     x, w, b = torch.randn(4, 6, 8, 8), torch.randn(10, 6, 3, 3), torch.randn(10)
     _check(kind, F.conv2d, [x, w, b])

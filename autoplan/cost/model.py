@@ -36,7 +36,7 @@ from autoplan.repeats import Tying
 from autoplan.solve import Problem
 from autoplan.strategies.expand import Strategy, expand
 from autoplan.strategies.placement import Placements, Replicate, Shard
-from autoplan.strategies.rules import RuleCtx
+from autoplan.ops import RuleCtx
 
 STATE_BYTES_PER_PARAM = 16  # bf16 weight (2) + bf16 grad (2) + fp32 master, Adam m, v (12); fp32: 4+4+8 (ZeRO paper, sec. 3.1)
 OPTIMIZER_BYTES_PER_PARAM = 32  # AdamW step reads grad, master, m, v, writes master, m, v, weight

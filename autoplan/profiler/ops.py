@@ -107,7 +107,7 @@ def _even(shape: tuple[int, ...], placements: Placements, mesh_shape: tuple[int,
 
 def timed_kinds() -> frozenset[str]:
     return frozenset({"linear", "matmul", "embedding", "layer_norm", "rms_norm", "softmax", "sdpa", "dropout",
-                      "cross_entropy", "conv2d", "elementwise", "reduce", "cat"})
+                      "cross_entropy", "conv", "elementwise", "reduce", "cat"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,9 +171,10 @@ def _runner(node: OpNode, xs: list[torch.Tensor], out_shape: tuple[int, ...]) ->
             logits = logits.reshape(-1, logits.shape[-1])
             tgt = tgt.reshape(-1)
         return lambda: F.cross_entropy(logits, tgt)
-    if k == "conv2d":
+    if k == "conv":
         kw = {n: a[n] for n in ("stride", "padding", "dilation", "groups") if n in a}
-        return lambda: F.conv2d(*xs[:3], **kw)
+        conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[xs[1].dim()]
+        return lambda: conv(*xs[:3], **kw)
     if k == "cat":
         dim = a.get("dim", a.get("arg1", 0))
         dim = dim if isinstance(dim, int) else 0

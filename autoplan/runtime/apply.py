@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from autoplan.capture import Captured, capture, clone_to_meta, export_graph
 from autoplan.errors import AutoplanError, PlanMismatchError
-from autoplan.graph import SHAPE_ONLY_SECOND_ARG, OpGraph, build_graph
+from autoplan.graph import OpGraph, build_graph
 from autoplan.inputs import CallSpec, LossFn, TrainingLoss, resolve_spec, spec_from_example
 from autoplan.plan import Plan
 from autoplan.runtime.moves import (
@@ -381,7 +381,6 @@ class ParallelModel:
         """Node args with each planned tensor input moved to the op's planned placement."""
         counter = [0]
         graph_nodes = self.program.graph.nodes
-        shape_only = node.target in SHAPE_ONLY_SECOND_ARG
 
         def fetch(n: fx.Node) -> Any:
             value = env[n.name]
@@ -390,7 +389,7 @@ class ParallelModel:
                 return value
             i = counter[0]
             counter[0] += 1
-            if i >= len(op.inputs) or (shape_only and i > 0):
+            if i >= len(op.inputs):  # past the op's data inputs: a shape or dtype lender (x.type_as(y))
                 return value
             return self._prepare(value, op.producers[i], op.inputs[i], node.name, i)
 

@@ -1,9 +1,8 @@
-"""Strategies: the legal placements of each op on a device mesh (see rules.py to add an op)."""
-from autoplan.strategies.expand import Strategy, expand
-from autoplan.strategies.placement import P, R, Partial, Placement, Placements, Replicate, Shard, parse_placement
-from autoplan.strategies.rules import RULES, AxisRule, RuleCtx, rule
+"""Strategies: placements (``placement.py``, the ground every layer stands on) and the legal N-D
+strategies of each op (``expand.py``), expanded from the op registry's one-axis rules (``autoplan/ops``).
 
-__all__ = [
-    "Strategy", "expand", "P", "R", "Partial", "Placement", "Placements", "Replicate", "Shard",
-    "parse_placement", "RULES", "AxisRule", "RuleCtx", "rule",
-]
+This package's namespace holds the placements only: ``autoplan.ops`` imports them, and ``expand``
+imports ``autoplan.ops`` (import it as ``autoplan.strategies.expand``)."""
+from autoplan.strategies.placement import P, R, Partial, Placement, Placements, Replicate, Shard, parse_placement
+
+__all__ = ["P", "R", "Partial", "Placement", "Placements", "Replicate", "Shard", "parse_placement"]

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from autoplan.strategies.placement import P, R, Partial, Placement, Placements, Replicate, Shard
-from autoplan.strategies.rules import RULES, AxisRule, RuleCtx
+from autoplan.ops import AxisRule, RuleCtx, get
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def _fits(shape: tuple[int, ...], placements: Placements, mesh_shape: tuple[int,
 def expand(ctx: RuleCtx, kind: str, mesh_shape: tuple[int, ...], *, differentiable: tuple[bool, ...]) -> list[Strategy]:
     """All legal N-D strategies of one op. ``differentiable[i]``: input i carries a gradient."""
     n_in = len(ctx.in_shapes)
-    one_axis = [r for r in RULES.get(kind, RULES["unknown"])(ctx) if len(r.ins) == n_in]
+    one_axis = [r for r in get(kind).rule(ctx) if len(r.ins) == n_in]
     one_axis.append(_replicate_rule(n_in))
     out: dict[tuple, Strategy] = {}
     for combo in itertools.product(one_axis, repeat=len(mesh_shape)):
