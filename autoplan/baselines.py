@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from autoplan.errors import AutoplanError
-from autoplan.graph import OpNode
+import numpy as np
+
+from autoplan.graph import OpGraph, OpNode
 from autoplan.mesh import Mesh
 from autoplan.strategies import Replicate, Shard
 from autoplan.strategies.expand import Strategy
@@ -78,6 +80,13 @@ def allow_for(family: str, mesh: Mesh) -> Allow:
 
         return megatron
     raise AutoplanError(f"unknown plan family {family!r}: use one of {', '.join(FAMILIES)}")
+
+
+def family_masks(graph: OpGraph, reps: list[str], strategies: list, allow: Allow) -> list[np.ndarray]:
+    """Per node, the strategies a family allows; an op none of whose strategies fits the family (a lookup
+    that cannot keep the batch split) is left free rather than making the family infeasible."""
+    masks = [np.array([allow(graph.nodes[n], s) for s in strats]) for n, strats in zip(reps, strategies)]
+    return [m if m.any() else np.ones_like(m) for m in masks]
 
 
 def baselines(devices: int, devices_per_node: int) -> list[Baseline]:

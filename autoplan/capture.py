@@ -40,6 +40,8 @@ class Captured:
     metas: tuple[dict[str, object], ...]  # per probe batch: node name -> tensor meta (shape, dtype) or None
     probes: tuple[int, ...] = PROBE_BATCHES  # the batch sizes of ``metas``
     call: CallSpec | None = None  # how the model was called (its loss source decided: never "auto")
+    loss_output: int = 0  # position of the loss among the graph's outputs
+    buffer_updates: tuple[tuple[int, str], ...] = ()  # (output position, buffer name): new values of updated buffers
 
 
 class _FlatTracer(fx.Tracer):
@@ -232,10 +234,26 @@ def export_graph(wrapped: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[
     inlined, and the placeholder -> qualified name map. The runtime exports the same way."""
     with _quiet_torch_logs():
         ep = torch.export.export(wrapped, inputs, strict=False)
+        if _mutates(ep.graph_module):  # in-place writes (x[..., 1:] = y, x += y, running statistics): made functional,
+            ep = ep.run_decompositions({})  # so that every op's output is a new value the planner may place anywhere
     gm = ep.graph_module
     if any(n.target in (_WRAP_GRAD, _WRAP_AUTOCAST) for n in gm.graph.nodes if n.op == "call_function"):
         _inline_wrappers(gm)
     return gm, _export_names(wrapped, ep), ep
+
+
+def _mutates(gm: fx.GraphModule) -> bool:
+    return any(isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+               for n in gm.graph.nodes if n.op == "call_function")
+
+
+def exported_outputs(ep: torch.export.ExportedProgram) -> tuple[int, tuple[tuple[int, str], ...]]:
+    """(position of the loss among the graph's outputs, (position, buffer name) of each buffer it updates)."""
+    kinds = torch.export.graph_signature.OutputKind
+    loss = next(i for i, o in enumerate(ep.graph_signature.output_specs) if o.kind == kinds.USER_OUTPUT)
+    updates = tuple((i, str(o.target).removeprefix("model.")) for i, o in enumerate(ep.graph_signature.output_specs)
+                    if o.kind == kinds.BUFFER_MUTATION)
+    return loss, updates
 
 
 def _trace_export(model: nn.Module, spec: CallSpec, loss_fn: LossFn | None) -> Captured:
@@ -244,7 +262,8 @@ def _trace_export(model: nn.Module, spec: CallSpec, loss_fn: LossFn | None) -> C
     probes = choose_probes(wrapped, inputs_fn)
     for b in probes:
         exported.append(export_graph(wrapped, inputs_fn(b)))
-    first, names, _ = exported[0]
+    first, names, ep = exported[0]
+    loss_output, buffer_updates = exported_outputs(ep)
     metas = []
     for gm, _, _ in exported:
         nodes = list(gm.graph.nodes)
@@ -252,7 +271,7 @@ def _trace_export(model: nn.Module, spec: CallSpec, loss_fn: LossFn | None) -> C
             raise CaptureError("torch.export gave different graphs at two batch sizes: the model branches on the batch size")
         metas.append({n.name: _tensor_meta(n.meta.get("val")) for n in nodes})
     trainable = frozenset(n.removeprefix("model.") for n, p in wrapped.named_parameters() if p.requires_grad)
-    return Captured(first, "export", names, trainable, tuple(metas), probes, spec)
+    return Captured(first, "export", names, trainable, tuple(metas), probes, spec, loss_output, buffer_updates)
 
 
 _OWN_CODE = (str(Path(torch.__file__).parent), str(Path(__file__).parent))

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from autoplan.baselines import allow_for
+from autoplan.baselines import allow_for, family_masks
+
 from autoplan.cost.comm import Bucket, collective_seconds, loss_report_seconds
 from autoplan.cost.model import STATE_BYTES_PER_PARAM, DTYPE_BYTES, StepConfig, assemble, price_mesh
 from autoplan.errors import AutoplanError
@@ -140,7 +141,7 @@ def layer_costs(job: Job, cfg: EstimateConfig, cache: dict | None = None) -> Lay
     mp = cache[mkey]
     priced = assemble(mp, job.tying, step_cfg, None)
     allow = _allow(cfg, mesh)
-    masks = [np.array([allow(job.graph.nodes[n], s) for s in strats]) for n, strats in zip(mp.reps, mp.strategies)]
+    masks = family_masks(job.graph, mp.reps, mp.strategies, allow)
     p = priced.problem
     costs = tuple(np.where(mask, c, np.inf) for c, mask in zip(p.node_cost, masks))
     choice = solve_reduced(Problem(costs, p.node_mem, p.edges)).choice

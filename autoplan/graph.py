@@ -177,8 +177,8 @@ def build_graph(cap: Captured) -> OpGraph:
         m2, m3 = metas2.get(node.name), metas3.get(node.name)
         if node.op == "output":
             src = _flatten_args([node.args])
-            tensors = [a.name for a in src if isinstance(a, fx.Node) and a.name in nodes]
-            loss = tensors[0] if tensors else ""
+            out = src[cap.loss_output] if cap.loss_output < len(src) else None
+            loss = out.name if isinstance(out, fx.Node) and out.name in nodes else ""
             continue
         if node.op == "call_function" and node.target is operator.getitem and node.args[0].name in split_of:
             parent, idx = node.args[0].name, node.args[1]
@@ -214,11 +214,16 @@ def build_graph(cap: Captured) -> OpGraph:
             kind, target = "unknown", type(gm.get_submodule(node.target)).__name__
         else:
             kind, target = _classify(node), _target_name(node)
-        if node.op == "call_function" and node.target is operator.getitem:
+        parent = _multi_output_parent(node)
+        if parent is not None:  # an output of a multi-output op (native dropout, top-k): that op, on its inputs
+            kind, target = _classify(parent), _target_name(parent)
+            inputs = tuple(a.name for a in _flatten_args([parent.args, parent.kwargs])
+                           if isinstance(a, fx.Node) and a.name in nodes)
+        elif node.op == "call_function" and node.target is operator.getitem:
             kind = "slice"
         keep = ops.get(kind).data_inputs(base_name(target))
         inputs = inputs if keep is None else inputs[:keep]  # x.type_as(y), zeros_like(x): the rest lend a shape
-        attrs = _const_args(node)
+        attrs = _const_args(parent if parent is not None else node)
         nodes[node.name] = OpNode(node.name, kind, target, inputs, out, attrs, module)
     if not loss:
         raise CaptureError("the traced graph has no tensor output: the model must return logits or a loss")
@@ -233,6 +238,16 @@ def build_graph(cap: Captured) -> OpGraph:
     for name in graph.constant_derived():
         nodes[name].constant = True
     return graph
+
+def _multi_output_parent(node: fx.Node) -> fx.Node | None:
+    """The op whose output ``node`` picks (``getitem(op, i)`` of a registered multi-output op), if any."""
+    if node.op != "call_function" or node.target is not operator.getitem or not isinstance(node.args[0], fx.Node):
+        return None
+    parent = node.args[0]
+    if parent.op != "call_function" or _is_split(parent) or kind_of(parent.target) is None:
+        return None
+    return parent
+
 
 def _merge_duplicate_params(nodes: dict[str, OpNode]) -> None:
     """Tied weights traced as several get_attr nodes become one parameter node."""

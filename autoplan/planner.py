@@ -117,8 +117,9 @@ def _ops_and_collectives(job: Job, ev: Evaluated) -> tuple[list, dict, dict, lis
     colls = [_coll(c, axis, phase, u, v, pos, graph.nodes[u].kind == "param", m)
              for phase, c, u, v, pos in edge_moves(job, ev, chosen)]
     for name, node in graph.nodes.items():
-        for kind, ax, nbytes in chosen[name].comm:
-            colls.append({"phase": "forward", "kind": kind, "axis": axis[ax], "bytes": nbytes * cfg.micro_batch / GENERIC_BATCH,
+        for kind, ax, nbytes, grows, phase in chosen[name].comm:
+            size = nbytes * cfg.micro_batch / GENERIC_BATCH if grows else nbytes
+            colls.append({"phase": phase, "kind": kind, "axis": axis[ax], "bytes": size,
                           "src": name, "dst": name, "input": -1, "per_step": m})
     # communication per layer, from the collectives listed above (gradient sync goes with the parameter's layer)
     links = dict(zip(mesh.axis_names, mesh.links(job.cluster)))

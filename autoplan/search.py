@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from autoplan.baselines import Allow
+from autoplan.baselines import Allow, family_masks
 from autoplan.cost.model import Priced, StepConfig, assemble, price_mesh
 from autoplan.errors import AutoplanError, InfeasibleError
 from autoplan.graph import OpGraph
@@ -60,10 +60,6 @@ class SearchResult:
     solvers: dict[str, float] = field(default_factory=dict)  # solver -> seconds spent
 
 
-
-
-def _masks(graph: OpGraph, mp, allow: Allow) -> list[np.ndarray]:
-    return [np.array([allow(graph.nodes[n], s) for s in strats]) for n, strats in zip(mp.reps, mp.strategies)]
 
 
 def _restrict(priced: Priced, masks: list[np.ndarray]) -> Priced:
@@ -184,7 +180,7 @@ def search(
         if key not in cache:
             cache[key] = price_mesh(graph, tying, msh, cluster, options.dtype, attention=options.attention)
         pricings[msh] = cache[key]
-    masks = {msh: _masks(graph, pricings[msh], allow) for msh in meshes} if allow else {}
+    masks = {msh: family_masks(graph, pricings[msh].reps, pricings[msh].strategies, allow) for msh in meshes} if allow else {}
     configs = [(msh, StepConfig(global_batch, m, rc, options.dtype)) for msh in meshes for m in counts for rc in recomputes]
     solver_seconds: dict[str, float] = {}
     bounds = _lazy_bounds(configs, pricings, tying, budget, masks, solver_seconds, progress)

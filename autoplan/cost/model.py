@@ -265,7 +265,8 @@ def price_mesh(graph: OpGraph, tying: Tying, mesh: Mesh, cluster: Cluster, dtype
         def internal(b, strats=strats, node=node):
             scale = b / GENERIC_BATCH  # collectives the op issues are sized by its (batch-proportional) rows
             return np.array([
-                seconds(tuple(Collective(k, a, nb * scale) for k, a, nb in s.comm), mesh.shape, links) for s in strats
+                seconds(tuple(Collective(k, a, nb * scale if grows else nb) for k, a, nb, grows, _ in s.comm),
+                        mesh.shape, links) for s in strats
             ])
 
         mp.internal.append(_fit(internal, exact))

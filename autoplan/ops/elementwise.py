@@ -97,7 +97,7 @@ def elementwise_rules(c: RuleCtx) -> list[AxisRule]:
     return broadcast_rules(c, allow_partial=True)
 
 
-@op_kind("dropout", spellings=(F.dropout, aten.dropout, torch.dropout, F.dropout1d, F.dropout2d,
+@op_kind("dropout", spellings=(F.dropout, aten.dropout, torch.dropout, aten.native_dropout, F.dropout1d, F.dropout2d,
                                F.dropout3d, F.alpha_dropout, aten.feature_dropout, aten.alpha_dropout),
          flops=elementwise_flops, saves_input=saves_none)
 def dropout_rules(c: RuleCtx) -> list[AxisRule]:

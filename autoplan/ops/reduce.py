@@ -91,7 +91,7 @@ def select_k_rules(c: RuleCtx) -> list[AxisRule]:
     F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.lp_pool2d,
     aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d,
     aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten._adaptive_avg_pool2d,
-    F.interpolate, aten.upsample_nearest2d,
+    aten.max_pool2d_with_indices, aten.max_pool3d_with_indices, F.interpolate, aten.upsample_nearest2d,
     aten.upsample_bilinear2d, aten.upsample_nearest1d, aten.upsample_linear1d, aten.upsample_bicubic2d,
     aten.upsample_nearest3d, aten.upsample_trilinear3d, aten._upsample_nearest_exact2d, aten.pixel_shuffle,
     aten.pixel_unshuffle, F.pixel_shuffle, F.pixel_unshuffle))

@@ -27,7 +27,8 @@ class AxisRule:
 
     out: Placement
     ins: tuple[Placement, ...]
-    comm: tuple[tuple[str, float], ...] = ()  # (collective, global bytes) the op issues in forward
+    comm: tuple[tuple, ...] = ()  # (collective, global bytes[, grows with the rows[, phase]]) the op issues:
+    # bytes growing with the rows in forward by default; (kind, bytes, False) a fixed size (a count, statistics)
 
 
 @dataclass(frozen=True)

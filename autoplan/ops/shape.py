@@ -148,3 +148,23 @@ def cat_rules(c: RuleCtx) -> list[AxisRule]:
         di = d if not stacked or d < dim else d - 1
         rules.append(AxisRule(Shard(d), (Shard(di),) * k))
     return rules + [AxisRule(P, (P,) * k)]
+
+
+@op_kind("scatter_view", saves_input=saves_none, spellings=(aten.slice_scatter, aten.select_scatter, aten.diagonal_scatter,
+                                                            torch.slice_scatter, torch.select_scatter))
+def scatter_view_rules(c: RuleCtx) -> list[AxisRule]:
+    """x with a slice (or a selected index) of ``dim`` replaced by src (functional ``x[:, 1:] = src``):
+    any other dim splits x, src and the output alike."""
+    if len(c.in_shapes) != 2:
+        return []
+    x, src = c.in_shapes
+    dim = _norm(int(c.attr("arg2", "dim", default=0)), len(x))
+    selected = len(src) == len(x) - 1
+    rules = []
+    for d in range(len(x)):
+        if d == dim:
+            continue
+        ds = d - 1 if selected and d > dim else d
+        if ds < len(src) and src[ds] == x[d]:
+            rules.append(AxisRule(Shard(d), (Shard(d), Shard(ds))))
+    return rules + [AxisRule(P, (P, P))]

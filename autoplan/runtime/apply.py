@@ -26,14 +26,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import Partial as DPartial
 from torch.distributed.tensor import Replicate as DReplicate
+from torch.distributed.tensor import Shard as DShard
 from torch.utils._python_dispatch import _disable_current_modes
 
-from autoplan.capture import Captured, capture, clone_to_meta, export_graph
+from autoplan.capture import Captured, capture, clone_to_meta, export_graph, exported_outputs
 from autoplan.errors import AutoplanError, PlanMismatchError
 from autoplan.graph import OpGraph, build_graph
 from autoplan.inputs import CallSpec, LossFn, TrainingLoss, resolve_spec, spec_from_example
 from autoplan.plan import Plan
+from autoplan.runtime import sync_batch_norm
 from autoplan.runtime.moves import (
     PARAM_GRAD,
     DPlacements,
@@ -81,6 +84,8 @@ class Program:
     backward_edges: frozenset[tuple[str, str, int]]  # (producer, consumer, input) with a planned gradient move
     export_at: Callable[[int], "RunGraph"] | None = None  # export graphs: the graph to run at a global batch
     call: CallSpec | None = None  # how the model takes a batch (slots, batch dims, targets)
+    loss_output: int = 0  # the captured graph's outputs: the loss's position, and buffers it updates
+    buffer_updates: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass
@@ -96,6 +101,8 @@ class RunGraph:
     param_of: dict[str, str]  # placeholder/get_attr node -> qualified parameter/buffer/constant name
     split_nodes: dict[str, fx.Node]
     constants: dict[str, torch.Tensor]  # lifted tensor constants of an export (qualified name -> value)
+    loss_output: int = 0  # position of the loss among the graph's outputs
+    buffer_updates: tuple[tuple[int, str], ...] = ()  # (output position, buffer name): a functional graph's new buffers
 
 
 _EXPORT_ASSERTS = tuple(
@@ -203,7 +210,7 @@ def exporter(meta: nn.Module, spec: CallSpec, loss_fn: LossFn | None, reference:
             if isinstance(value, torch.Tensor) and value.device.type != "meta" and hasattr(inp.arg, "name"):
                 constants[param_of[inp.arg.name]] = value  # made in forward from Python data: real at trace time
         _retarget_devices(gm, device)
-        return RunGraph(gm, param_of, {}, constants)
+        return RunGraph(gm, param_of, {}, constants, *exported_outputs(ep))
 
     return export_at
 
@@ -281,7 +288,8 @@ class ParallelModel:
         self._buffers = {n: replicate(b, self.mesh) for n, b in model.named_buffers(remove_duplicate=False)}
         self.micro_batches = int(plan.data["training"].get("micro_batches", 1) or 1)
         self.bucket_grads = True  # one all-reduce per bucket instead of per parameter (same bytes)
-        self._rg = RunGraph(program.gm, program.param_of, program.split_nodes, {})  # the graph being run
+        self._rg = RunGraph(program.gm, program.param_of, program.split_nodes, {}, program.loss_output,
+                            program.buffer_updates)  # the graph being run
         self._run_graphs: dict[int, RunGraph] = {}  # export graphs, by global micro-batch
         self._last_uses_by_graph: dict[int, dict[str, list[str]]] = {}
 
@@ -377,8 +385,10 @@ class ParallelModel:
         node = self.program.graph.nodes.get(src)
         return (node is not None and node.kind == "param") or (src, dst, pos) not in self.program.backward_edges
 
-    def _args_for(self, node: fx.Node, env: dict[str, Any], op: OpPlan | None) -> tuple[Any, Any]:
-        """Node args with each planned tensor input moved to the op's planned placement."""
+    def _args_for(self, node: fx.Node, env: dict[str, Any], op: OpPlan | None, dst: str | None = None) -> tuple[Any, Any]:
+        """Node args with each planned tensor input moved to the op's planned placement (``dst``: the plan's name
+        of the op, when it is another node's: an output of a multi-output op)."""
+        dst = dst or node.name
         counter = [0]
         graph_nodes = self.program.graph.nodes
 
@@ -391,14 +401,15 @@ class ParallelModel:
             counter[0] += 1
             if i >= len(op.inputs):  # past the op's data inputs: a shape or dtype lender (x.type_as(y))
                 return value
-            return self._prepare(value, op.producers[i], op.inputs[i], node.name, i)
+            return self._prepare(value, op.producers[i], op.inputs[i], dst, i)
 
         args = fx.node.map_arg(node.args, fetch)
         kwargs = fx.node.map_arg(node.kwargs, fetch)
         return args, kwargs
 
-    def _call(self, node: fx.Node, args: Any, kwargs: Any, op: OpPlan | None) -> Any:
-        target = node.target
+    def _call(self, node: fx.Node, args: Any, kwargs: Any, op: OpPlan | None, label: str | None = None) -> Any:
+        """Run one op (``label``: the plan's name of it, for the collectives it issues itself)."""
+        target, label = node.target, label or node.name
         if target in _EXPORT_ASSERTS:
             return None  # torch.export's metadata checks record the planning (meta) device: not a computation
         if node.op == "call_method":
@@ -411,13 +422,24 @@ class ParallelModel:
         if target in (F.cross_entropy, torch.ops.aten.cross_entropy_loss.default) and isinstance(args[0], DTensor):
             ce_args, ce_kwargs = ((list(args), dict(kwargs)) if target is F.cross_entropy
                                   else (list(args[:2]), _aten_ce_kwargs(args[2:], kwargs)))
-            with self.trace.scope("forward", node.name, node.name):  # vocab-parallel: the op's own all-reduces
+            with self.trace.scope("forward", label, label):  # the loss's own all-reduces (count, vocab-parallel)
                 return _local_cross_entropy(ce_args, ce_kwargs)
         if target in (F.dropout, torch.dropout, torch.ops.aten.dropout.default) and _is_dropout_noop(node):
             return args[0]
+        if target in sync_batch_norm.SPELLINGS and isinstance(args[0], DTensor):
+            with self.trace.scope("forward", label, label):  # the statistics' all-reduces, as priced
+                return sync_batch_norm.batch_norm(target, args, kwargs, self.trace, label)
         if target is _WRAP_GRAD or target is _WRAP_AUTOCAST:
             return self._call_wrapped(target, args)
-        return target(*args, **kwargs)
+        kind = self.program.graph.nodes[label].kind if label in self.program.graph.nodes else None
+        if op is not None and kind in ("constant", "fill_like"):  # reads no values: made at its planned placement
+            return make_at(target, args, kwargs, op.output, self.mesh)
+        try:
+            return target(*args, **kwargs)
+        except NotImplementedError:  # DTensor has no strategy for it: the planned rule, on local shards
+            if op is None:
+                raise
+            return run_locally(target, args, kwargs, op.inputs, op.output)
 
     def _call_wrapped(self, target: Any, args: Sequence[Any]) -> Any:
         """torch.export's higher-order wrappers (rotary code under no_grad / autocast): run the body
@@ -503,7 +525,9 @@ class ParallelModel:
                 env[node.name] = self._get_attr(rg.gm, node)
             elif node.op == "output":
                 out = fx.node.map_arg(node.args[0], lambda n: env[n.name])
-                return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out  # export: (loss,)
+                outs = list(out) if isinstance(out, (tuple, list)) else [out]  # export: (new buffers..., loss)
+                self._update_buffers(rg, outs)
+                return outs[rg.loss_output]
             elif node.name in rg.split_nodes:
                 env[node.name] = node  # evaluated per getitem, after moving its source
             else:
@@ -512,10 +536,27 @@ class ParallelModel:
                 env.pop(freed, None)
         raise AutoplanError("the traced graph has no output")
 
+    def _update_buffers(self, rg: RunGraph, outs: list[Any]) -> None:
+        """A functional graph returns the new values of the buffers it updates (running statistics): store them."""
+        with torch.no_grad():
+            for i, qual in rg.buffer_updates:
+                value = outs[i]
+                local = value.full_tensor() if isinstance(value, DTensor) else value
+                self.module.get_buffer(qual).copy_(local)
+
+    def _picked_by(self, node: fx.Node) -> fx.Node | None:
+        """The first planned output of a multi-output op (``getitem(op, i)``): its plan moves the op's inputs."""
+        ops = self.program.ops
+        return next((u for u in node.users if u.target is operator.getitem and u.name in ops), None)
+
     def _run(self, node: fx.Node, env: dict[str, Any]) -> Any:
         prog = self.program
         op = prog.ops.get(node.name)
         splits = self._rg.split_nodes
+        picker = self._picked_by(node) if op is None and node.op == "call_function" else None
+        if picker is not None:  # a multi-output op the plan places through its outputs
+            args, kwargs = self._args_for(node, env, prog.ops[picker.name], dst=picker.name)
+            return self._call(node, args, kwargs, prog.ops[picker.name], label=picker.name)
         if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and node.args[0].name in splits:
             split = splits[node.args[0].name]
             src = split.args[0]
@@ -691,6 +732,54 @@ class ParallelModel:
         return {n: p.grad.full_tensor() for n, p in self.params.items() if p.grad is not None}
 
 
+def run_locally(target: Any, args: Any, kwargs: Any, ins: list[DPlacements], out: DPlacements) -> Any:
+    """An op run on each rank's shards, its output wrapped with the planned placement: what a one-axis rule
+    promises (``tests/test_rules.py`` checks every rule so). For ops DTensor has no strategy for (``aten.copy``);
+    inputs are already at their planned placements. A replicated input of an op split across an axis gets a
+    partial gradient there (a weight's gradient under data parallelism)."""
+    mesh = next(a.device_mesh for a in _flatten(args, kwargs) if isinstance(a, DTensor))
+    split = {a for pl in (*ins, out) for a, p in enumerate(pl) if isinstance(p, DShard)}
+
+    def local(t: Any) -> Any:
+        if not isinstance(t, DTensor):
+            return t
+        grads = [DPartial() if a in split and isinstance(p, DReplicate) else
+                 DReplicate() if isinstance(p, DPartial) else p for a, p in enumerate(t.placements)]
+        return t.to_local(grad_placements=grads)
+
+    result = target(*fx.node.map_aggregate(args, local), **fx.node.map_aggregate(kwargs, local))
+    return fx.node.map_aggregate(result, lambda r: DTensor.from_local(r, mesh, list(out), run_check=False)
+                                 if isinstance(r, torch.Tensor) else r)
+
+
+_FILLS = {"zeros_like": 0.0, "ones_like": 1.0, "empty_like": 0.0}
+
+
+def make_at(target: Any, args: Any, kwargs: Any, out: DPlacements, mesh: DeviceMesh) -> Any:
+    """A tensor made from sizes and fills (``x.new_zeros(size)``, ``torch.arange``, ``zeros_like(x)``), whose
+    tensor arguments lend only a dtype and a shape: made directly at its planned placement, no collective."""
+    from torch.distributed.tensor import full as dfull
+
+    name = getattr(target, "__name__", str(target)).split(".")[0]
+    like = args[0] if args and isinstance(args[0], DTensor) else None
+    if like is not None and name in ("zeros_like", "ones_like", "empty_like", "full_like"):
+        value = args[1] if name == "full_like" else _FILLS[name]
+        dtype = kwargs.get("dtype") or like.dtype
+        return dfull(tuple(like.shape), value, dtype=dtype, device_mesh=mesh, placements=list(out))
+    plain = fx.node.map_aggregate(args, lambda a: a.to_local() if isinstance(a, DTensor) else a)
+    result = target(*plain, **kwargs)
+    if isinstance(result, DTensor) or not isinstance(result, torch.Tensor):
+        return result
+    made = replicate(result, mesh)  # every rank made the same tensor: a split is a local chunk
+    return made if all(isinstance(p, DReplicate) for p in out) else made.redistribute(mesh, list(out))
+
+
+def _flatten(args: Any, kwargs: Any) -> list[Any]:
+    found: list[Any] = []
+    fx.node.map_aggregate((args, kwargs), lambda a: found.append(a) or a)
+    return found
+
+
 def global_loss(loss: DTensor) -> float:
     """The global mean of a scalar DTensor loss in ONE all-reduce over all ranks, as the cost model
     prices the step's loss report (``full_tensor`` would all-reduce once per partial mesh axis)."""
@@ -734,6 +823,7 @@ def apply(model: nn.Module, plan: Plan | str, *, optimizer: OptimizerFactory | N
     mesh = make_mesh(plan)
     program = build_program(plan, cap, graph, mesh)
     program.call = spec
+    program.loss_output, program.buffer_updates = cap.loss_output, cap.buffer_updates
     if cap.method == "export":  # the batch (and the meta device) are baked into the ops: export per batch
         program.export_at = exporter(meta, spec, loss_fn, cap.graph_module, torch.device(mesh.device_type))
     params = distribute_parameters(model, program.params, mesh)

@@ -253,22 +253,31 @@ def _local_sdpa(args: list[Any], kwargs: dict[str, Any], out_pl: DPlacements) ->
 
 
 def _local_cross_entropy(args: list[Any], kwargs: dict[str, Any]) -> DTensor:
-    """Mean cross-entropy on sharded logits: rows split (each rank a partial mean, Partial on the row
-    axes) and/or the vocabulary split (Megatron's vocab-parallel loss: three all-reduces of one fp32
-    per row on each vocabulary axis, as the cost model prices them; backward is local)."""
+    """Mean cross-entropy on sharded logits over the targets that count (not ``ignore_index``): rows split
+    (each rank a partial sum over its rows, divided by the number of counted targets, all-reduced over
+    the row axes: one fp32, as the rule prices it) and/or the vocabulary split (Megatron's vocab-parallel
+    loss: three all-reduces of one fp32 per row on each vocabulary axis; backward is local)."""
+    import torch.distributed as dist
+
     logits, targets = args[0], args[1]
-    rest = {k: v for k, v in kwargs.items() if k != "reduction"}
+    rest = {k: v for k, v in kwargs.items() if k not in ("reduction", "ignore_index")}
+    ignore = kwargs.get("ignore_index", -100)
     bad = [p for p in logits.placements if isinstance(p, DShard) and p.dim % logits.ndim not in (0, 1)]
     if kwargs.get("reduction", "mean") != "mean" or bad or logits.ndim != 2:
         raise AutoplanError("the plan splits cross-entropy other than by rows or by the vocabulary: "
                             "not supported by the runtime yet")
     mesh = logits.device_mesh
     vocab_axes = [a for a, p in enumerate(logits.placements) if isinstance(p, DShard) and p.dim % 2 == 1]
-    placements = [DPartial() if isinstance(p, DShard) and p.dim % 2 == 0 else DReplicate() for p in logits.placements]
+    row_axes = [a for a, p in enumerate(logits.placements) if isinstance(p, DShard) and p.dim % 2 == 0]
+    placements = [DPartial() if a in row_axes else DReplicate() for a in range(mesh.ndim)]
     t_local = targets.to_local() if isinstance(targets, DTensor) else targets
+    valid = t_local != ignore
+    count = valid.sum().to(torch.float32)
+    for a in row_axes:
+        dist.all_reduce(count, group=mesh.get_group(a))
     if not vocab_axes:
-        loss = F.cross_entropy(logits.to_local(), t_local, reduction="sum", **rest) / logits.shape[0]
-        return DTensor.from_local(loss, mesh, placements, run_check=False)
+        loss = F.cross_entropy(logits.to_local(), t_local, reduction="sum", ignore_index=ignore, **rest) / count
+        return DTensor.from_local(loss.to(logits.dtype), mesh, placements, run_check=False)
     if rest:
         raise AutoplanError(f"vocabulary-parallel cross-entropy takes no {sorted(rest)}: use the default loss")
     vocab = logits.shape[1]
@@ -280,13 +289,14 @@ def _local_cross_entropy(args: list[Any], kwargs: dict[str, Any]) -> DTensor:
         width //= n
         offset += mesh.get_local_rank(a) * width
     groups = [mesh.get_group(a) for a in vocab_axes]
-    loss = _VocabParallelCE.apply(logits.to_local(), t_local, offset, groups, int(logits.shape[0]))
+    loss = _VocabParallelCE.apply(logits.to_local(), t_local, offset, groups, valid, count)
     return DTensor.from_local(loss, mesh, placements, run_check=False)
 
 
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, local: torch.Tensor, targets: torch.Tensor, offset: int, groups: list, rows: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, local: torch.Tensor, targets: torch.Tensor, offset: int, groups: list, valid: torch.Tensor,
+                count: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         import torch.distributed as dist
 
         x = local.float()
@@ -297,23 +307,24 @@ class _VocabParallelCE(torch.autograd.Function):
         exp = shifted.exp()
         sumexp = exp.sum(dim=1)
         t = targets - offset
-        mine = (t >= 0) & (t < x.shape[1])
+        mine = (t >= 0) & (t < x.shape[1]) & valid
         idx = t.clamp(0, x.shape[1] - 1)
         picked = shifted.gather(1, idx[:, None]).squeeze(1) * mine
         for g in groups:
             dist.all_reduce(picked, group=g)
         for g in groups:
             dist.all_reduce(sumexp, group=g)
-        ctx.save_for_backward(exp / sumexp[:, None], idx, mine)
-        ctx.rows, ctx.dtype = rows, local.dtype
-        return ((sumexp.log() - picked).sum() / rows).to(local.dtype)
+        weight = valid.to(x.dtype) / count
+        ctx.save_for_backward(exp / sumexp[:, None], idx, mine, weight)
+        ctx.dtype = local.dtype
+        return ((sumexp.log() - picked) * weight).sum().to(local.dtype)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        softmax, idx, mine = ctx.saved_tensors
+        softmax, idx, mine, weight = ctx.saved_tensors
         grad = softmax.clone()
         grad.scatter_add_(1, idx[:, None], -mine.to(grad.dtype)[:, None])
-        return (grad * (g / ctx.rows)).to(ctx.dtype), None, None, None, None
+        return (grad * (weight[:, None] * g)).to(ctx.dtype), None, None, None, None, None
 
 
 def _aten_ce_kwargs(rest: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:

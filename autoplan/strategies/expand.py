@@ -22,7 +22,8 @@ class Strategy:
     ins: tuple[Placements, ...]  # required placement of each tensor input
     grads: tuple[Placements, ...]  # placement of the gradient the op produces for each input
     compute_divisor: int  # the op's work is split this many ways
-    comm: tuple[tuple[str, int, float], ...]  # (collective, mesh axis, bytes per device) issued by the op in forward
+    comm: tuple[tuple[str, int, float, bool, str], ...]  # (collective, mesh axis, bytes per device, grows with the
+    # batch, phase) issued by the op itself
 
     @property
     def name(self) -> str:
@@ -82,8 +83,9 @@ def expand(ctx: RuleCtx, kind: str, mesh_shape: tuple[int, ...], *, differentiab
         comm = []
         for axis, (r, size) in enumerate(zip(combo, mesh_shape)):
             other = math.prod(s for a, (rr, s) in enumerate(zip(combo, mesh_shape)) if a != axis and _splits(rr))
-            for coll, nbytes in r.comm:
-                comm.append((coll, axis, nbytes / other))
+            for coll, nbytes, *more in r.comm:  # (kind, bytes[, grows with the rows[, phase]])
+                grows, phase = (list(more) + [True, "forward"][len(more):])[:2]
+                comm.append((coll, axis, nbytes / other if grows else nbytes, bool(grows), str(phase)))
         out[key] = Strategy(out_pl, ins_pl, grads, divisor, tuple(comm))
     return list(out.values())
 
