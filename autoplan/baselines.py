@@ -82,11 +82,12 @@ def allow_for(family: str, mesh: Mesh) -> Allow:
     raise AutoplanError(f"unknown plan family {family!r}: use one of {', '.join(FAMILIES)}")
 
 
-def family_masks(graph: OpGraph, reps: list[str], strategies: list, allow: Allow) -> list[np.ndarray]:
-    """Per node, the strategies a family allows; an op none of whose strategies fits the family (a lookup
-    that cannot keep the batch split) is left free rather than making the family infeasible."""
+def family_masks(graph: OpGraph, reps: list[str], strategies: list, allow: Allow, *, strict: bool = False) -> list[np.ndarray]:
+    """Per node, the strategies a family allows. Unless ``strict`` (a fixed configuration that must hold
+    exactly), an op none of whose strategies fits the family (a lookup that cannot keep the batch split)
+    is left free rather than making the family infeasible."""
     masks = [np.array([allow(graph.nodes[n], s) for s in strats]) for n, strats in zip(reps, strategies)]
-    return [m if m.any() else np.ones_like(m) for m in masks]
+    return masks if strict else [m if m.any() else np.ones_like(m) for m in masks]
 
 
 def baselines(devices: int, devices_per_node: int) -> list[Baseline]:

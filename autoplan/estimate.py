@@ -141,7 +141,7 @@ def layer_costs(job: Job, cfg: EstimateConfig, cache: dict | None = None) -> Lay
     mp = cache[mkey]
     priced = assemble(mp, job.tying, step_cfg, None)
     allow = _allow(cfg, mesh)
-    masks = family_masks(job.graph, mp.reps, mp.strategies, allow)
+    masks = family_masks(job.graph, mp.reps, mp.strategies, allow, strict=True)
     p = priced.problem
     costs = tuple(np.where(mask, c, np.inf) for c, mask in zip(p.node_cost, masks))
     choice = solve_reduced(Problem(costs, p.node_mem, p.edges)).choice
@@ -169,6 +169,7 @@ def layer_costs(job: Job, cfg: EstimateConfig, cache: dict | None = None) -> Lay
             c *= 4 / 3  # the attention core runs forward once more in backward
             ab = 0.0  # and keeps nothing
         comp[k] += c / per
+        tp[k] += float(priced.own_comm_s[i][s]) / per  # the op's own collectives (vocab-parallel loss, batch norm)
         opt[k] += o / per
         par[k] += pb / per
         if k == "layer" and cfg.recompute == "full" and priced.nodes[i] not in job.tying.boundary:

@@ -52,6 +52,7 @@ def predict(job: Job, ev: Evaluated, budget: float, overhead: float | None = Non
     compute = sum(float(c[s]) for c, s in zip(pr.compute_s, choice))
     optimizer = sum(float(o[s]) for o, s in zip(pr.optimizer_s, choice))
     comm = sum(float(act[choice[u], choice[v]] + sync[choice[u], choice[v]]) for u, v, _, act, sync in pr.edge_info)
+    comm += sum(float(o[s]) for o, s in zip(pr.own_comm_s, choice))  # the ops' own (loss statistics, batch norm)
     params = sum(float(b[s]) for b, s in zip(pr.param_bytes, choice))
     acts = sum(float(b[s]) for b, s in zip(pr.activation_bytes, choice))
     report = loss_report_seconds(job.cluster, job.devices)  # the same for every strategy: outside the solver
@@ -117,10 +118,11 @@ def _ops_and_collectives(job: Job, ev: Evaluated) -> tuple[list, dict, dict, lis
     colls = [_coll(c, axis, phase, u, v, pos, graph.nodes[u].kind == "param", m)
              for phase, c, u, v, pos in edge_moves(job, ev, chosen)]
     for name, node in graph.nodes.items():
+        redone = cfg.recompute and name in job.tying.in_block  # recompute issues the forward's again
         for kind, ax, nbytes, grows, phase in chosen[name].comm:
             size = nbytes * cfg.micro_batch / GENERIC_BATCH if grows else nbytes
-            colls.append({"phase": phase, "kind": kind, "axis": axis[ax], "bytes": size,
-                          "src": name, "dst": name, "input": -1, "per_step": m})
+            colls.append({"phase": phase, "kind": kind, "axis": axis[ax], "bytes": size, "src": name, "dst": name,
+                          "input": -1, "per_step": m * (2 if redone and phase == "forward" else 1)})
     # communication per layer, from the collectives listed above (gradient sync goes with the parameter's layer)
     links = dict(zip(mesh.axis_names, mesh.links(job.cluster)))
     sizes = mesh.as_dict()

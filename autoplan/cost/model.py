@@ -69,6 +69,7 @@ class Priced:
     param_bytes: list[np.ndarray]
     activation_bytes: list[np.ndarray]
     edge_info: list[tuple[int, int, int, np.ndarray, np.ndarray]]  # (u, v, input index, activation-comm matrix, grad-sync matrix)
+    own_comm_s: list[np.ndarray] = field(default_factory=list)  # per node, per strategy: collectives the op issues itself
     collectives: dict[tuple[int, int, int], object] = field(default_factory=dict)
 
 
@@ -221,7 +222,8 @@ class MeshPricing:
     reps: list[str]
     strategies: list[tuple[Strategy, ...]]
     fwd_compute: list[Linear | Exact]  # forward compute seconds per strategy (divided by its compute divisor)
-    internal: list[Linear | Exact]  # forward collectives the op issues itself
+    internal: list[Linear | Exact]  # forward collectives the op issues itself (re-issued when recomputed)
+    internal_bwd: list[Linear | Exact]  # backward collectives the op issues itself (a synchronised batch norm's)
     optimizer_s: list[np.ndarray]
     param_bytes: list[np.ndarray]
     act_bytes: list[Linear | Exact]
@@ -248,7 +250,7 @@ def price_mesh(graph: OpGraph, tying: Tying, mesh: Mesh, cluster: Cluster, dtype
     reps = [n for n in graph.nodes if tying.rep[n] == n]
     index = {n: i for i, n in enumerate(reps)}
     dev = cluster.device
-    mp = MeshPricing(mesh, reps, [], [], [], [], [], [], [], [])
+    mp = MeshPricing(mesh, reps, [], [], [], [], [], [], [], [], [])
     pinned = graph.constant_derived()
     # measured curves (autoplan profile) are not affine in the batch: price each micro-batch exactly
     exact = getattr(cluster.device, "measured", None) is not None or any(getattr(l, "measured", None) is not None for l in links)
@@ -262,14 +264,15 @@ def price_mesh(graph: OpGraph, tying: Tying, mesh: Mesh, cluster: Cluster, dtype
         mp.fwd_compute.append(_fit(lambda b, node=node, divs=divs: _compute_seconds(graph, node, b, cluster, dtype, attention) / divs, exact))
         shapes = [node] + [graph.nodes[i] for i in node.inputs]
 
-        def internal(b, strats=strats, node=node):
+        def internal(b, strats=strats, phase="forward"):
             scale = b / GENERIC_BATCH  # collectives the op issues are sized by its (batch-proportional) rows
             return np.array([
-                seconds(tuple(Collective(k, a, nb * scale if grows else nb) for k, a, nb, grows, _ in s.comm),
-                        mesh.shape, links) for s in strats
+                seconds(tuple(Collective(k, a, nb * scale if grows else nb) for k, a, nb, grows, ph in s.comm
+                              if ph == phase), mesh.shape, links) for s in strats
             ])
 
         mp.internal.append(_fit(internal, exact))
+        mp.internal_bwd.append(_fit(lambda b, strats=strats: internal(b, strats, "backward"), exact))
         eb = elem_bytes(node, dtype)
         local1 = np.array([_local_numel(node.out.shape(1), s.out, mesh.shape) for s in strats])
         if node.kind == "param":
@@ -326,22 +329,24 @@ def _legal(constraints: list[tuple[tuple[int, int], ...]], batch: int) -> np.nda
 def assemble(mp: MeshPricing, tying: Tying, cfg: StepConfig, mem_budget: float | None) -> Priced:
     """The solver Problem of one configuration, from a mesh's prices (numpy arithmetic only)."""
     b, m = cfg.micro_batch, cfg.micro_batches
-    node_cost, node_mem, compute_l, opt_l, pb_l, ab_l = [], [], [], [], [], []
+    node_cost, node_mem, compute_l, opt_l, pb_l, ab_l, own_l = [], [], [], [], [], [], []
     for i, name in enumerate(mp.reps):
         count = tying.count[name]
         in_block = name in tying.in_block
         redo = 1 if (cfg.recompute and in_block) else 0
-        comp = count * m * ((1 + BACKWARD_FACTOR + redo) * mp.fwd_compute[i].at(b) + (1 + redo) * mp.internal[i].at(b))
+        comp = count * m * (1 + BACKWARD_FACTOR + redo) * mp.fwd_compute[i].at(b)
         comp = np.where(_legal(mp.batch_constraints[i], b), comp, np.inf)
+        own = count * m * ((1 + redo) * mp.internal[i].at(b) + mp.internal_bwd[i].at(b))  # the op's own collectives
         keep = count if not (cfg.recompute and in_block) else (count if name in tying.boundary else 1)
         act = keep * mp.act_bytes[i].at(b)
         params = count * mp.param_bytes[i]
         opt = count * mp.optimizer_s[i]
         compute_l.append(comp)
+        own_l.append(own)
         opt_l.append(opt)
         pb_l.append(params)
         ab_l.append(act)
-        node_cost.append(comp + opt)
+        node_cost.append(comp + own + opt)
         node_mem.append(params + act)
     edges, edge_info = [], []
     for e in mp.edges:
@@ -364,7 +369,7 @@ def assemble(mp: MeshPricing, tying: Tying, cfg: StepConfig, mem_budget: float |
             edges.append((e.u, e.v, mat))
         edge_info.append((e.u, e.v, e.pos, act, sync))
     problem = Problem(tuple(node_cost), tuple(node_mem), tuple(edges), mem_budget=mem_budget)
-    return Priced(problem, mp.reps, [list(s) for s in mp.strategies], compute_l, opt_l, pb_l, ab_l, edge_info)
+    return Priced(problem, mp.reps, [list(s) for s in mp.strategies], compute_l, opt_l, pb_l, ab_l, edge_info, own_l)
 
 
 def price(graph: OpGraph, tying: Tying, mesh: Mesh, cluster: Cluster, cfg: StepConfig, mem_budget: float | None) -> Priced:

@@ -905,7 +905,7 @@ def candidates(data: dict[str, Any], name: str) -> tuple[list[dict[str, Any]], s
     chosen = choice[i]
     for s, st in enumerate(pr.strategies[i]):
         comp = float(pr.compute_s[i][s])
-        own = comp - float(pure[s]) if math.isfinite(comp) else 0.0
+        own = float(pr.own_comm_s[i][s]) if math.isfinite(comp) else 0.0  # the op's own collectives
         edge = 0.0
         for u, v, _pos, act, sync in pr.edge_info:
             mat = act + sync
@@ -917,7 +917,7 @@ def candidates(data: dict[str, Any], name: str) -> tuple[list[dict[str, Any]], s
                 edge += float(mat[s, choice[v]])
         opt = float(pr.optimizer_s[i][s])
         memb = float(pr.param_bytes[i][s] + pr.activation_bytes[i][s])
-        total = comp + edge + opt
+        total = comp + own + edge + opt
         rows.append({
             "index": s, "output": format_placements(st.out), "inputs": [format_placements(p) for p in st.ins],
             "compute_s": float(pure[s]) / count if math.isfinite(comp) else math.inf,

@@ -9,6 +9,7 @@ process, and report the relative errors of the losses and of every parameter aft
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import time
 from datetime import timedelta
@@ -19,7 +20,7 @@ from common import run_cases  # type: ignore[import-not-found]
 
 torch.set_num_threads(1)
 BATCH = 8  # global batch: 2 samples per rank
-STEPS = 3
+STEPS = int(os.environ.get("AUTOPLAN_STEPS", "3"))  # SGD steps per case
 LR = 0.05
 
 
