@@ -1,6 +1,7 @@
 """Python API: ``autoplan.plan(model, example_inputs, cluster=..., devices=...)``."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -45,6 +46,10 @@ def prepare_job(
     """Capture ``model`` (an nn.Module with example inputs, or a zoo spec) for ``cluster``."""
     clus = cluster if isinstance(cluster, Cluster) else load_cluster(cluster)
     n_devices = resolve_devices(clus, nodes, devices)
+    if isinstance(model, str) and resolve_model(model).example is not None:  # a factory with keyword inputs
+        spec = resolve_model(model)
+        with torch.device("meta"):
+            model, example_inputs, name = spec.build(), spec.example, name or spec.name
     if isinstance(model, str):
         spec: ModelSpec = resolve_model(model)
         seq = seq_len or _default_seq(spec)
@@ -69,6 +74,9 @@ def prepare_job(
         label = name or type(model).__name__
         tokens = call.seq_len
     graph = build_graph(cap)
+    if graph.unsupported():
+        warnings.warn(f"autoplan: no sharding rule for {', '.join(graph.unsupported())}: planned replicated "
+                      f"(register them in autoplan/ops to shard them)", stacklevel=3)
     return Job(label, graph, find_repeats(graph), clus, n_devices, batch, tokens, family, call)
 
 

@@ -37,6 +37,8 @@ def solver_line(summary: dict[str, Any]) -> str:
                      f"micro-batch {c['micro_batch']} v={c['virtual_stages']} recompute {c['recompute']}: "
                      f"{fmt_seconds(e['step_time_s'])}, MFU {100 * e['mfu']:.1f}%"
                      + (f" (not run: {pipe['why_not']})" if pipe.get("executable") is False else ""))
+    elif pipe and pipe.get("why_not"):
+        lines.append(f"pipeline: not searched ({pipe['why_not']})")
     if summary.get("unsupported_ops"):
         lines.append("replicated (no sharding rule): " + ", ".join(summary["unsupported_ops"]))
     return "\n".join(lines)

@@ -218,12 +218,14 @@ def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = Se
     execution = _execution(job, best)
     overhead = engine_overhead(job, best) if execution["runtime"] == "per-op" else 0.0
     predicted = predict(job, best, budget, overhead)
-    pipe = _pipeline_alternative(job, options, predicted) if pipeline and job.tying.groups else None
-    if pipe is not None and pipe["found"] and job.recipe_family is None:
-        # a pipeline runs only as a recipe, and no pipeline recipe knows this model: the per-op search's plan stays
-        pipe["executable"] = False
-        pipe["why_not"] = ("pipeline stages are cut by the recipe runtime, which knows the zoo's GPT and Llama only; "
-                           f"this model's plan runs {execution['runtime']}")
+    pipe = None
+    if pipeline and job.tying.groups and job.recipe_family is None:
+        # a pipeline runs only as a recipe, and no pipeline recipe knows this model: not searched (issue 14)
+        pipe = {"found": False, "executable": False, "seconds": 0.0,
+                "why_not": "pipeline stages are cut by the recipe runtime, which knows the zoo's GPT and Llama only; "
+                           f"this model's plan runs {execution['runtime']}"}
+    elif pipeline and job.tying.groups:
+        pipe = _pipeline_alternative(job, options, predicted)
     pred = predicted.to_json()
     pred["per_layer"] = layers
     pred["runtime_overhead_s"] = overhead
@@ -233,7 +235,7 @@ def make_plan(job: Job, *, mesh: Mesh | None = None, options: SearchOptions = Se
         "micro_batch": best.cfg.micro_batch, "recompute": "full" if best.cfg.recompute else "none", "dtype": best.cfg.dtype,
     }
     per_op_alternative = None
-    if pipe is not None and pipe["found"] and pipe.get("executable", True) and pipe["predicted"]["fits"] and (pipe["faster_than_plan"] or not predicted.fits):
+    if pipe is not None and pipe["found"] and pipe["predicted"]["fits"] and (pipe["faster_than_plan"] or not predicted.fits):
         # the pipeline configuration wins: it is the plan; the per-op solution is kept for comparison
         cfg = pipe["config"]
         per_op_alternative = {"predicted": pred, "mesh": mesh_json, "execution": execution}

@@ -35,6 +35,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -60,6 +61,8 @@ class ModelSpec:
     example_targets: Callable[[int, int], torch.Tensor]  # (batch, seq_len) -> targets for cross-entropy
     num_params: int  # exact parameter count, tied weights counted once
     description: str  # one line for `autoplan models`
+    example: Any = None  # a factory's example inputs as it gave them (a dict of keywords, on meta): planned as given
+    build_with_inputs: Callable[[], tuple[nn.Module, Any]] | None = None  # the factory itself: model and real inputs
 
     def call_spec(self, seq_len: int, batch: int = 2) -> CallSpec:
         """How the model is called: its positional inputs, and targets for the cross-entropy."""
@@ -318,6 +321,9 @@ def _custom(spec: str, target: str, attr: str) -> ModelSpec:
                                     f"{_one_line(str(err))}") from None
         if isinstance(result, nn.Module):
             module, template = result, None
+        elif isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module) \
+                and isinstance(result[1], Mapping):
+            return result[0], dict(result[1])  # keyword inputs (labels inside for a model with its own loss)
         elif (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
             module, template = result[0], _as_tuple(result[1])
         else:
@@ -333,6 +339,15 @@ def _custom(spec: str, target: str, attr: str) -> ModelSpec:
     with torch.device("meta"):
         meta_module, template = call()
         num_params = sum(p.numel() for p in meta_module.parameters())
+    if isinstance(template, dict):  # planned with the inputs as given (meta tensors): no sizing, no targets of ours
+        def keyword_inputs(batch: int, seq_len: int) -> tuple[torch.Tensor, ...]:
+            raise AutoplanError(f"model factory '{label}' gives keyword inputs: plan it with them (they are its example)")
+
+        return ModelSpec(name=spec, family="custom", config=None, kind="call", build=lambda: call()[0],
+                         example_inputs=keyword_inputs, example_targets=keyword_inputs, num_params=num_params,
+                         description=f"user model {label} (keyword inputs); {_fmt_count(num_params)} params",
+                         example=template, build_with_inputs=call)
+    with torch.device("meta"):
         probe = template if template is not None else _as_tuple(meta_module.example_inputs(2, 8))
     first = probe[0] if probe else None
     is_lm = (isinstance(first, torch.Tensor) and first.dim() == 2 and first.dtype != torch.bool

@@ -21,7 +21,7 @@ _NOT_READ_BY_BACKWARD = frozenset({"add", "sub", "iadd", "__add__", "__radd__", 
 _NO_WEIGHT_VALUE = frozenset({"add", "sub", "iadd", "__add__", "__radd__", "neg"})
 
 
-def broadcast_rules(c: RuleCtx, allow_partial: bool) -> list[AxisRule]:
+def broadcast_dims(c: RuleCtx) -> list[AxisRule]:
     """Any output dim splits the inputs that carry it (size-1 broadcast dims replicated)."""
     out = c.out_shape
     rules = []
@@ -32,6 +32,12 @@ def broadcast_rules(c: RuleCtx, allow_partial: bool) -> list[AxisRule]:
             ins.append(Shard(di) if di >= 0 and shape[di] == out[d] and out[d] > 1 else R)
         if any(isinstance(p, Shard) for p in ins):
             rules.append(AxisRule(Shard(d), tuple(ins)))
+    return rules
+
+
+def broadcast_rules(c: RuleCtx, allow_partial: bool) -> list[AxisRule]:
+    """``broadcast_dims``; with ``allow_partial``, sums and casts of partial inputs, products with one partial operand."""
+    rules = broadcast_dims(c)
     if allow_partial:
         name = c.name
         scalars = [v for k, v in c.attrs.items() if k.startswith("arg") and isinstance(v, (int, float))]

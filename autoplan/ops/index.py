@@ -102,6 +102,9 @@ def index_rules(c: RuleCtx) -> list[AxisRule]:
     k = len(idx)
     if tuple(out[:k]) != tuple(idx) or tuple(out[k:]) != tuple(x[1:]):
         return []
+    # x[:, idx] is captured alike (the leading Nones are no constants): refuse shapes that fit it too
+    if any(tuple(out) == tuple(x[:m]) + tuple(idx) + tuple(x[m + 1:]) for m in range(1, len(x))):
+        return []
     rules = [AxisRule(Shard(j), (R, Shard(j))) for j in range(k)]
     rules += [AxisRule(Shard(k + d - 1), (Shard(d), R)) for d in range(1, len(x))]
     return rules + [AxisRule(P, (P, R))]

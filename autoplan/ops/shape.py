@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from autoplan.ops.elementwise import broadcast_dims
 from autoplan.ops.registry import AxisRule, RuleCtx, op_kind, saves_none
-from autoplan.strategies.placement import P, R, Shard
+from autoplan.strategies.placement import P, Shard
 
 aten = torch.ops.aten
 
@@ -97,16 +99,7 @@ def transpose_rules(c: RuleCtx) -> list[AxisRule]:
     "repeat", aten.repeat, torch.broadcast_to, aten.broadcast_to, "broadcast_to"))
 def expand_rules(c: RuleCtx) -> list[AxisRule]:
     """A dim kept from the input splits; broadcast (new or size-1) dims stay whole."""
-    out = c.out_shape
-    rules = []
-    for d in range(len(out)):
-        ins = []
-        for shape in c.in_shapes:
-            di = d - (len(out) - len(shape))
-            ins.append(Shard(di) if di >= 0 and shape[di] == out[d] and out[d] > 1 else R)
-        if ins and isinstance(ins[0], Shard):
-            rules.append(AxisRule(Shard(d), tuple(ins)))
-    return rules
+    return [r for r in broadcast_dims(c) if isinstance(r.ins[0], Shard)]
 
 
 @op_kind("split", alias=True, saves_input=saves_none)
@@ -168,3 +161,14 @@ def scatter_view_rules(c: RuleCtx) -> list[AxisRule]:
         if ds < len(src) and src[ds] == x[d]:
             rules.append(AxisRule(Shard(d), (Shard(d), Shard(ds))))
     return rules + [AxisRule(P, (P, P))]
+
+
+@op_kind("pad", saves_input=saves_none, spellings=(F.pad, aten.pad, aten.constant_pad_nd, "pad"))
+def pad_rules(c: RuleCtx) -> list[AxisRule]:
+    """Padding of the trailing dims (pairs from the last dim backwards): a dim padded by nothing splits."""
+    x = c.in_shapes[0]
+    pads = c.attr("arg1", "pad")
+    if not isinstance(pads, (list, tuple)):
+        return []
+    padded = {len(x) - 1 - i // 2 for i, p in enumerate(pads) if p}
+    return [AxisRule(Shard(d), (Shard(d),)) for d in range(len(x)) if d not in padded and x[d] == c.out_shape[d]]
