@@ -93,8 +93,8 @@ def test_generic_aten_convolution_reads_groups_and_transposed_from_their_positio
     x, w, b = torch.randn(2, 6, 8, 8), torch.randn(6, 1, 3, 3), torch.randn(6)  # depthwise, through _convolution
     attrs = {"arg3": [1, 1], "arg4": [1, 1], "arg5": [1, 1], "arg6": False, "arg7": [0, 0], "arg8": 6,
              "arg9": False, "arg10": False, "arg11": True, "arg12": True}
-    fn = lambda x, w, b: aten._convolution.default(x, w, b, [1, 1], [1, 1], [1, 1], False, [0, 0], x.shape[1],  # noqa: E731
-                                                   False, False, True, True)
+    fn = lambda x, w, b: aten._convolution.default(  # noqa: E731
+        x, w, b, [1, 1], [1, 1], [1, 1], False, [0, 0], x.shape[1], False, False, True, True)
     rules = _check_all("conv", fn, [x, w, b], attrs, "aten._convolution.default")
     assert set(rules) == {AxisRule(S(0), (S(0), R, R)), AxisRule(S(1), (S(1), S(0), S(0)))}
 
@@ -163,7 +163,8 @@ def test_batch_norm_batch_split_is_sync_batch_norm_with_its_statistics_all_reduc
     ys, mean, rstd, new_rm, new_rv, local_stats = _sync_batch_norm(x, rm, rv, w, b)
     assert local_stats.numel() * local_stats.element_size() == BATCH_NORM_STATS * 4 * c  # what is all-reduced
     full_rm, full_rv = rm.clone(), rv.clone()
-    torch.testing.assert_close(torch.cat(ys), F.batch_norm(x, full_rm, full_rv, w, b, training=True), rtol=1e-5, atol=1e-5)
+    full = F.batch_norm(x, full_rm, full_rv, w, b, training=True)
+    torch.testing.assert_close(torch.cat(ys), full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(new_rm, full_rm)
     torch.testing.assert_close(new_rv, full_rv)
     # without the all-reduce the shards are normalised with their own statistics: wrong

@@ -16,7 +16,8 @@ def _weight(name: str, pos: int) -> bool:
     return pos == 1
 
 
-_GENERIC = ("convolution", "_convolution")  # (input, weight, bias, stride, padding, dilation, transposed, output_padding, groups, ...)
+# (input, weight, bias, stride, padding, dilation, transposed, output_padding, groups, ...)
+_GENERIC = ("convolution", "_convolution")
 
 
 def _groups(c: RuleCtx) -> int:
