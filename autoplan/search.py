@@ -25,6 +25,7 @@ from autoplan.repeats import Tying
 from autoplan.solve import Problem, Solution, solve_dp, solve_ilp
 from autoplan.solve.budgeted import TOLERANCE, lagrangian, min_memory
 from autoplan.solve.problem import format_bytes, make_solution
+from autoplan.solve.eliminate import lower_bound
 from autoplan.solve.reduce import reduce_problem, solve_reduced
 
 
@@ -121,14 +122,51 @@ def dominates(cheap: Problem, dear: Problem) -> bool:
     return True
 
 
-def _lazy_bounds(configs, pricings, tying, budget, masks, solver_seconds, progress) -> list:
+def _bound(priced: Priced, solver_seconds: dict[str, float]) -> tuple[float, Solution | None]:
+    """The unconstrained optimum where elimination or the DP finds it quickly; else a mini-bucket lower
+    bound (the exact solve, CP-SAT, waits until the branch and bound reaches the configuration)."""
+    p = priced.problem
+    free = Problem(p.node_cost, p.node_mem, p.edges)
+    started = time.perf_counter()
+    try:
+        sol = solve_reduced(free, ilp=False)
+    except InfeasibleError:
+        return float("inf"), None
+    except ValueError:
+        red = reduce_problem(free)
+        bound = lower_bound(red.problem, max_table_size=10_000_000) + red.dropped_cost
+        solver_seconds["bound"] = solver_seconds.get("bound", 0.0) + time.perf_counter() - started
+        return bound, None
+    solver_seconds["dp"] = solver_seconds.get("dp", 0.0) + sol.seconds
+    return sol.cost, sol
+
+
+class _Bounds(list):
+    """The branch and bound's heap, and per mesh its first configuration."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base: dict[Mesh, tuple[Priced, float, Solution | None, bool]] = {}  # bound, solution, bound is exact
+
+
+def _tighten(base: dict, msh: Mesh, solver_seconds: dict[str, float]) -> tuple[Priced, float, Solution | None]:
+    """The mesh's first configuration solved exactly (once; before, its bound may be a mini-bucket one):
+    (its priced problem, its optimum, its solution), the bound of every configuration that dominates it."""
+    first, bound, sol, exact = base[msh]
+    if not exact:
+        sol = _unconstrained(first, solver_seconds)
+        base[msh] = (first, sol.cost if sol is not None else float("inf"), sol, True)
+    return base[msh][0], base[msh][1], base[msh][2]
+
+
+def _lazy_bounds(configs, pricings, tying, budget, masks, solver_seconds, progress) -> "_Bounds":
     """A heap of (lower bound, tie-break, mesh, config, priced, unconstrained solution or None).
 
-    Per mesh the first configuration (fewest micro-batches, no recompute) is solved; a configuration whose
-    every cost is at least that one's (more micro-batches or recompute only add work) borrows its optimum
-    as a lower bound and is solved only if the branch and bound reaches it."""
-    heap: list = []
-    base: dict[Mesh, tuple[Priced, Solution | None]] = {}
+    Per mesh the first configuration (fewest micro-batches, no recompute) is bounded (solved, where that is
+    quick); a configuration whose every cost is at least that one's (more micro-batches or recompute only
+    add work) borrows its bound, and is solved only if the branch and bound reaches it."""
+    heap = _Bounds()
+    base = heap.base
     for done, (msh, cfg) in enumerate(configs):
         if progress is not None:
             progress("configurations", done, len(configs))
@@ -136,14 +174,15 @@ def _lazy_bounds(configs, pricings, tying, budget, masks, solver_seconds, progre
         if masks:
             priced = _restrict(priced, masks[msh])
         first = base.get(msh)
-        if first is not None and first[1] is not None and dominates(first[0].problem, priced.problem):
-            heapq.heappush(heap, (first[1].cost, done, msh, cfg, priced, None))
+        if first is not None and dominates(first[0].problem, priced.problem):
+            if first[1] < float("inf"):
+                heapq.heappush(heap, (first[1], done, msh, cfg, priced, None))
             continue
-        sol = _unconstrained(priced, solver_seconds)
+        bound, sol = _bound(priced, solver_seconds)
         if first is None:
-            base[msh] = (priced, sol)
-        if sol is not None:
-            heapq.heappush(heap, (sol.cost, done, msh, cfg, priced, sol))
+            base[msh] = (priced, bound, sol, sol is not None or bound == float("inf"))
+        if bound < float("inf"):
+            heapq.heappush(heap, (bound, done, msh, cfg, priced, sol))
     return heap
 
 
@@ -193,7 +232,14 @@ def search(
         bound, order, msh, cfg, priced, sol = heapq.heappop(bounds)
         if bound >= incumbent and (len(evaluated) >= RUNNERS_UP or sol is None):
             break  # nothing left can beat the best; runners-up are those already solved
-        if sol is None:  # a bound borrowed from a dominated configuration: solve it now, and visit it in order
+        if sol is None:  # a lower bound only: tighten it, and visit the configuration in order
+            first, base_bound, base_sol = _tighten(bounds.base, msh, solver_seconds)
+            if first is priced and base_sol is not None:  # the mesh's first configuration, now solved
+                heapq.heappush(bounds, (base_bound, order, msh, cfg, priced, base_sol))
+                continue
+            if base_bound > bound:  # borrowed from the first configuration's bound, now exact
+                heapq.heappush(bounds, (base_bound, order, msh, cfg, priced, None))
+                continue
             sol = _unconstrained(priced, solver_seconds)
             if sol is not None:
                 heapq.heappush(bounds, (sol.cost, order, msh, cfg, priced, sol))

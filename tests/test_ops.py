@@ -359,7 +359,8 @@ def test_argmax_and_max_along_a_dim_shift_the_dims_after_it_unless_kept():
     rules = _check_all("select_k", lambda x: torch.max(x, -1).values, [x], {"arg1": -1}, "aten.max.dim")
     assert rules == [AxisRule(S(0), (S(0),)), AxisRule(S(1), (S(1),))]
     assert get("select_k").rule(_ctx([x], (), {}, "argmax")) == []  # over the whole tensor
-    assert get("select_k").rule(_ctx([x, x], x.shape, {}, "aten.max.other")) == []  # elementwise max: no dim
+    elementwise = get("select_k").rule(_ctx([x, x], x.shape, {}, "aten.max.other"))  # torch.max(a, b)
+    assert elementwise == [AxisRule(S(d), (S(d), S(d))) for d in range(3)]
 
 
 def test_cumsum_splits_other_dims_and_is_linear_in_a_partial_input():

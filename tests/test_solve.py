@@ -14,6 +14,7 @@ from hypothesis.extra.numpy import arrays
 
 from autoplan.errors import InfeasibleError
 from autoplan.solve import Problem, Solution, dp_table_size, solve_brute, solve_dp, solve_eliminate, solve_ilp
+from autoplan.solve.eliminate import lower_bound, undominated
 
 Solver = Callable[[Problem], Solution]
 SETTINGS = settings(
@@ -94,6 +95,33 @@ def test_dp_matches_brute_force_unconstrained(p: Problem) -> None:
 @given(problems(budgeted=False))
 def test_variable_elimination_matches_brute_force_unconstrained(p: Problem) -> None:
     assert_matches_brute_force(p, solve_eliminate)
+
+
+@SETTINGS
+@given(problems(budgeted=False), st.sampled_from([1, 6, 36, 10**6]))
+def test_mini_bucket_bound_never_exceeds_the_optimum_and_is_exact_when_no_bucket_splits(p: Problem, limit: int) -> None:
+    try:
+        best = solve_brute(p).cost
+    except InfeasibleError:
+        assert lower_bound(p, max_table_size=limit) == math.inf
+        return
+    bound = lower_bound(p, max_table_size=limit)
+    assert bound <= best + 1e-9 * max(1.0, abs(best))
+    if limit == 10**6:  # every table fits: elimination is exact
+        assert bound == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+@SETTINGS
+@given(problems(budgeted=False))
+def test_dropping_dominated_strategies_keeps_an_optimum(p: Problem) -> None:
+    try:
+        best = solve_brute(p).cost
+    except InfeasibleError:
+        return
+    keep = undominated(p, [np.arange(k) for k in p.sizes])
+    sub = Problem(tuple(c[k] for c, k in zip(p.node_cost, keep)), tuple(m[k] for m, k in zip(p.node_mem, keep)),
+                  tuple((u, v, m[np.ix_(keep[u], keep[v])]) for u, v, m in p.edges))
+    assert solve_brute(sub).cost == pytest.approx(best, rel=1e-9, abs=1e-12)
 
 
 def test_variable_elimination_keeps_tables_small_where_every_block_reads_one_shared_node() -> None:

@@ -68,8 +68,9 @@ def batch_norm_rules(c: RuleCtx) -> list[AxisRule]:
     per_param = tuple(Shard(0) if len(s) == 1 and s[0] == channels else R for s in c.in_shapes[1:])
     if len(c.out_shape) == 1:  # a per-channel output of the functional op: priced with its main output
         return [AxisRule(R, (Shard(0),) + (R,) * (len(c.in_shapes) - 1)), AxisRule(Shard(0), (Shard(1),) + per_param)]
+    training = c.attr("arg5", "training", default=True) and c.name != "_native_batch_norm_legit_no_training"
     stats = (("all_reduce", BATCH_NORM_STATS * 4.0 * channels, False, "forward"),
-             ("all_reduce", BATCH_NORM_GRAD_STATS * 4.0 * channels, False, "backward"))
+             ("all_reduce", BATCH_NORM_GRAD_STATS * 4.0 * channels, False, "backward")) if training else ()
     return [
         AxisRule(Shard(0), (Shard(0),) + (R,) * (len(c.in_shapes) - 1), comm=stats),
         AxisRule(Shard(1), (Shard(1),) + per_param),

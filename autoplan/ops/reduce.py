@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from autoplan.ops.elementwise import broadcast_dims
 from autoplan.ops.registry import AxisRule, RuleCtx, elementwise_flops, op_kind, saves_all, saves_none
 from autoplan.strategies.placement import P, Shard
 
@@ -75,6 +76,8 @@ def scan_rules(c: RuleCtx) -> list[AxisRule]:
 def select_k_rules(c: RuleCtx) -> list[AxisRule]:
     """Top-k, sorts and arg-extrema along one dim (the routers of mixture-of-experts): every other dim splits."""
     n = len(c.in_shapes[0])
+    if c.name in ("max", "min") and len(c.in_shapes) == 2:  # torch.max(a, b): elementwise
+        return broadcast_dims(c)
     if c.name in ("topk", "kthvalue"):
         dim = c.attr("arg2", "dim", default=-1)
     else:

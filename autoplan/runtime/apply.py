@@ -747,7 +747,9 @@ def run_locally(target: Any, args: Any, kwargs: Any, ins: list[DPlacements], out
                  DReplicate() if isinstance(p, DPartial) else p for a, p in enumerate(t.placements)]
         return t.to_local(grad_placements=grads)
 
-    result = target(*fx.node.map_aggregate(args, local), **fx.node.map_aggregate(kwargs, local))
+    args, kwargs = fx.node.map_aggregate(args, local), fx.node.map_aggregate(kwargs, local)
+    args, kwargs = _local_groups(target, args, kwargs)
+    result = target(*args, **kwargs)
     return fx.node.map_aggregate(result, lambda r: DTensor.from_local(r, mesh, list(out), run_check=False)
                                  if isinstance(r, torch.Tensor) else r)
 
@@ -772,6 +774,24 @@ def make_at(target: Any, args: Any, kwargs: Any, out: DPlacements, mesh: DeviceM
         return result
     made = replicate(result, mesh)  # every rank made the same tensor: a split is a local chunk
     return made if all(isinstance(p, DReplicate) for p in out) else made.redistribute(mesh, list(out))
+
+
+_CONV_GROUPS = {torch.ops.aten.convolution.default: 8, torch.ops.aten._convolution.default: 8}  # else 6
+
+
+def _local_groups(target: Any, args: Any, kwargs: Any) -> tuple[Any, Any]:
+    """A depthwise convolution split on its channels: each rank convolves its own channels (groups = local channels)."""
+    if getattr(target, "__name__", "").split(".")[0] not in ("conv1d", "conv2d", "conv3d", "convolution", "_convolution"):
+        return args, kwargs
+    pos = _CONV_GROUPS.get(target, 6)
+    groups = kwargs.get("groups", args[pos] if len(args) > pos else 1)
+    x = args[0]
+    if not isinstance(groups, int) or groups <= 1 or x.shape[1] >= groups:
+        return args, kwargs
+    local = int(x.shape[1])  # fewer channels here than the op's groups: a channel-split depthwise convolution
+    if "groups" in kwargs:
+        return args, {**kwargs, "groups": local}
+    return (*args[:pos], local, *args[pos + 1:]), kwargs
 
 
 def _flatten(args: Any, kwargs: Any) -> list[Any]:

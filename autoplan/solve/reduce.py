@@ -36,6 +36,7 @@ class Reduced:
     survivors: list[int]  # original index of each surviving node
     steps: list[_Step]
     n: int  # nodes of the original problem
+    dropped_cost: float = 0.0  # costs of eliminated nodes left out of ``problem`` (its optimum + this = the original's)
 
     def expand(self, choice: tuple[int, ...]) -> list[int]:
         """A choice for the reduced problem -> a choice for the original one."""
@@ -75,6 +76,7 @@ def reduce_problem(p: Problem) -> Reduced:
     offset = p.mem_offset
     alive = set(range(len(cost)))
     steps: list[_Step] = []
+    dropped = 0.0
     budgeted = p.mem_budget is not None
     queue = sorted(alive)
     while queue:
@@ -86,6 +88,7 @@ def reduce_problem(p: Problem) -> Reduced:
             continue
         nbrs = tuple(sorted(adj[x]))
         if len(cost[x]) == 1 and len(nbrs) > 2:  # one strategy: each edge is a cost on the neighbour
+            dropped += float(cost[x][0])
             for u in nbrs:
                 cost[u] = cost[u] + _oriented(edges, u, x)[:, 0]
                 del edges[(min(u, x), max(u, x))]
@@ -93,6 +96,7 @@ def reduce_problem(p: Problem) -> Reduced:
             steps.append(_Step(x, (), np.array(0)))
         elif not nbrs:
             steps.append(_Step(x, (), np.array(int(np.argmin(cost[x])))))
+            dropped += float(np.min(cost[x]))
         elif len(nbrs) == 1:
             (u,) = nbrs
             tot = _oriented(edges, u, x) + cost[x][None, :]
@@ -125,11 +129,12 @@ def reduce_problem(p: Problem) -> Reduced:
         mem_budget=p.mem_budget,
         mem_offset=offset if budgeted else 0.0,
     )
-    return Reduced(sub, rest, steps, len(cost))
+    return Reduced(sub, rest, steps, len(cost), dropped)
 
 
-def solve_reduced(p: Problem, *, max_table_size: int = 50_000_000) -> Solution:
-    """Exact optimum of an unconstrained problem: eliminate degree <= 2 nodes, DP on the rest."""
+def solve_reduced(p: Problem, *, max_table_size: int = 50_000_000, ilp: bool = True) -> Solution:
+    """Exact optimum of an unconstrained problem: eliminate degree <= 2 nodes, then variable elimination or
+    the DP on the rest, else CP-SAT (``ilp=False``: ValueError instead, when the tables are too big)."""
     if p.mem_budget is not None:
         raise ValueError("solve_reduced takes unconstrained problems: use reduce_problem with solve_dp or solve_ilp")
     started = time.perf_counter()
@@ -143,6 +148,8 @@ def solve_reduced(p: Problem, *, max_table_size: int = 50_000_000) -> Solution:
             try:
                 sol = solve_dp(red.problem, max_table_size=max_table_size)
             except ValueError:  # tables too wide for either: CP-SAT on what is left
+                if not ilp:
+                    raise
                 sol = solve_ilp(red.problem, time_limit_s=60.0, threads=2)
         choice, solver, gap = sol.choice, sol.solver, sol.gap
     return make_solution(p, red.expand(choice), solver, started, gap)
