@@ -434,6 +434,13 @@ class ParallelModel:
         kind = self.program.graph.nodes[label].kind if label in self.program.graph.nodes else None
         if op is not None and kind in ("constant", "fill_like"):  # reads no values: made at its planned placement
             return make_at(target, args, kwargs, op.output, self.mesh)
+        if target is torch.ops.aten.copy.default:  # a functional graph's x.copy_(src): src as x's shape and
+            dst, src = args[0], args[1]  # dtype (aten.copy itself has no derivative)
+            return src.to(dst.dtype).expand(dst.shape) if isinstance(src, torch.Tensor) else target(*args, **kwargs)
+        if op is not None and kind in LOCAL_KINDS:  # DTensor's support is partial (no backward strategy)
+            return run_locally(target, args, kwargs, op.inputs, op.output)
+        if isinstance(target, torch._ops.OpOverload):  # a plain tensor beside DTensors: the same on every rank
+            args, kwargs = _replicate_plain(args, kwargs, self.mesh)
         try:
             return target(*args, **kwargs)
         except NotImplementedError:  # DTensor has no strategy for it: the planned rule, on local shards
@@ -730,6 +737,21 @@ class ParallelModel:
 
     def full_grads(self) -> dict[str, torch.Tensor]:
         return {n: p.grad.full_tensor() for n, p in self.params.items() if p.grad is not None}
+
+
+LOCAL_KINDS = frozenset({"pool", "scatter_view"})  # run on each rank's shards as their rule says, forward and backward
+
+
+def _replicate_plain(args: Any, kwargs: Any, mesh: DeviceMesh) -> tuple[Any, Any]:
+    """Plain tensors among an op's DTensor arguments (values made outside the plan: lifted constants,
+    unplanned ops' outputs) as replicated DTensors; unchanged when no argument is a DTensor."""
+    if not any(isinstance(a, DTensor) for a in _flatten(args, kwargs)):
+        return args, kwargs
+
+    def wrap(a: Any) -> Any:
+        return replicate(a, mesh) if isinstance(a, torch.Tensor) and not isinstance(a, DTensor) else a
+
+    return fx.node.map_aggregate(args, wrap), fx.node.map_aggregate(kwargs, wrap)
 
 
 def run_locally(target: Any, args: Any, kwargs: Any, ins: list[DPlacements], out: DPlacements) -> Any:
