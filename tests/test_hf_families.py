@@ -51,3 +51,32 @@ def test_transformers_model_trains_on_4_ranks_as_one_process(report, family):
     assert not r["unplanned"], r["unplanned"]  # every op produced its planned placement
     sharded = [p for p in r["params_sharded"] if "S(" in p] or [i for i in r["inputs"].values() if "S(" in i]
     assert sharded, r  # the plan splits something: not four replicas
+
+
+FACTORY = '''
+import torch, transformers as tf
+
+def factory():
+    cfg = tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        vocab_size=128, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    ids = torch.randint(0, 128, (4, 8), generator=torch.Generator().manual_seed(0))
+    return tf.BertForSequenceClassification(cfg), {"input_ids": ids, "labels": torch.tensor([0, 1, 0, 1])}
+'''
+
+
+def test_cli_plans_and_trains_a_factory_that_returns_keyword_inputs(tmp_path):
+    """`autoplan plan file.py:factory` then `autoplan train` on 2 ranks: the factory's own batch, repeated."""
+    (tmp_path / "tinybert.py").write_text(FACTORY)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    model = f"{tmp_path / 'tinybert.py'}:factory"
+    plan = subprocess.run([sys.executable, "-m", "autoplan.cli", "plan", model, "--cluster", "cpu", "--devices", "2",
+                           "--global-batch", "8", "-o", str(tmp_path / "plan.json")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    train = subprocess.run([sys.executable, "-c", "from autoplan.runtime.launch import train_command; train_command()",
+                            str(tmp_path / "plan.json"), "--model", model, "--steps", "6"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr[-2000:]
+    losses = [float(line.split("loss ")[1].split()[0]) for line in train.stdout.splitlines() if line.startswith("step ")]
+    assert len(losses) == 6 and losses[-1] < losses[0], train.stdout

@@ -28,15 +28,16 @@ def _check_inputs(plan_path: str, model: str, data: str | None, steps: int, ever
     from autoplan.models import resolve_model
 
     plan = Plan.load(plan_path)
-    resolve_model(model)  # UnknownModelError (one line) before any process starts
+    spec = resolve_model(model)  # UnknownModelError (one line) before any process starts
     if steps < 1:
         raise AutoplanError(f"--steps must be at least 1, got {steps}")
     if every is not None and every < 1:
         raise AutoplanError(f"--checkpoint-every must be at least 1, got {every}")
     if data is not None and not Path(data).is_file():
         raise AutoplanError(f"no token file at {data}: pass a flat file of uint16 tokens to --data")
-    if not plan.data["training"].get("seq_len"):
-        raise AutoplanError("`autoplan train` trains language models: this plan has no sequence length")
+    if not plan.data["training"].get("seq_len") and spec.build_with_inputs is None:
+        raise AutoplanError("`autoplan train` trains language models, and factories that return their keyword inputs: "
+                            "this plan has no sequence length and the model gives no inputs")
     return plan
 
 
@@ -98,7 +99,8 @@ def worker_main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from autoplan.models import resolve_model
-    from autoplan.runtime.train import TokenStream, check_vocab, file_tokens, plan_and_train, synthetic_tokens
+    from autoplan.runtime.train import (RepeatedBatch, TokenStream, check_vocab, file_tokens, plan_and_train,
+                                        synthetic_tokens)
 
     args = _parse(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(1)
@@ -108,12 +110,16 @@ def worker_main(argv: list[str] | None = None) -> int:
         plan = Plan.load(args.plan)
         spec = resolve_model(args.model)
         torch.manual_seed(args.seed)
-        model = spec.build()
-        vocab = int(getattr(spec.config, "vocab", 256))
-        tokens = file_tokens(args.data) if args.data else synthetic_tokens(vocab)
-        check_vocab(tokens, vocab)
         t = plan.data["training"]
-        data = TokenStream(tokens, int(t["global_batch"]), int(t["seq_len"]))
+        if spec.build_with_inputs is not None:  # a factory with its own inputs: that batch, repeated
+            model, example = spec.build_with_inputs()
+            data = RepeatedBatch(example, int(t["global_batch"]))
+        else:
+            model = spec.build()
+            vocab = int(getattr(spec.config, "vocab", 256))
+            tokens = file_tokens(args.data) if args.data else synthetic_tokens(vocab)
+            check_vocab(tokens, vocab)
+            data = TokenStream(tokens, int(t["global_batch"]), int(t["seq_len"]))
         if rank0:
             print(f"training {args.model} on {dist.get_world_size()} ranks, mesh {plan.mesh}, "
                   f"{t['micro_batches']} micro-batch(es); predicted step {plan.predicted.step_time_s * 1e3:.2f} ms "

@@ -22,7 +22,7 @@ from autoplan.runtime.apply import OptimizerFactory, ParallelModel, meta_clone
 from autoplan.runtime.engine import apply
 from autoplan.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]  # (inputs, targets), or keyword inputs
 DataFn = Callable[[int], Batch]
 LogFn = Callable[[str], None]
 
@@ -45,6 +45,34 @@ class TokenStream:
         rows = np.stack([self.tokens[s:s + span] for s in starts]).astype(np.int64)
         x = torch.from_numpy(rows)
         return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+
+@dataclass(frozen=True)
+class RepeatedBatch:
+    """A model's own example (keyword inputs, labels inside) as every step's batch, its samples repeated to
+    the global batch along each tensor's batch dim: the data of a user model trained without a data set
+    (the loss falls as the model learns the batch)."""
+
+    example: dict
+    global_batch: int
+
+    def __call__(self, step: int) -> dict:
+        return {k: _repeat(v, self.global_batch) for k, v in self.example.items()}
+
+
+def _repeat(value: object, batch: int) -> object:
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    reps = -(-batch // value.shape[0])
+    return value.repeat(reps, *([1] * (value.dim() - 1)))[:batch]
+
+
+def samples_in(batch: Batch) -> int:
+    """Tokens of a (tokens, targets) batch, else samples of the first tensor."""
+    if isinstance(batch, dict):
+        first = next(v for v in batch.values() if isinstance(v, torch.Tensor))
+        return int(first.numel() if first.dim() == 2 and not first.is_floating_point() else first.shape[0])
+    return int(batch[0].numel())
 
 
 def synthetic_tokens(vocab: int, n_tokens: int = 1 << 16, *, patterns: int = 4, period: int = 23, seed: int = 0) -> np.ndarray:
@@ -89,8 +117,9 @@ def resolve_plan(model: nn.Module, plan: Plan | str | Path | None, example: Batc
     world = dist.get_world_size() if dist.is_initialized() else 1
     made = None
     if _rank0():  # a meta copy that keeps tied weights tied, so the plan's fingerprint is the runtime's
-        made = autoplan.plan(meta_clone(model), (example[0],), cluster=cluster, devices=world, global_batch=global_batch,
-                             targets=example[1], baselines=False, **plan_kwargs)
+        inputs, targets = (example, None) if isinstance(example, dict) else ((example[0],), example[1])
+        made = autoplan.plan(meta_clone(model), inputs, cluster=cluster, devices=world, global_batch=global_batch,
+                             targets=targets, baselines=False, **plan_kwargs)
     return broadcast_plan(made)
 
 
@@ -136,7 +165,8 @@ def plan_and_train(
     """
     log = log or (lambda line: print(line, flush=True) if _rank0() else None)
     example = data(0)
-    the_plan = resolve_plan(model, plan, example, cluster=cluster, global_batch=int(example[0].shape[0]), **(plan_kwargs or {}))
+    first = next(iter(example.values())) if isinstance(example, dict) else example[0]
+    the_plan = resolve_plan(model, plan, example, cluster=cluster, global_batch=int(first.shape[0]), **(plan_kwargs or {}))
     pm = apply(model, the_plan, optimizer=optimizer)
     start = 0
     if checkpoint_dir is not None and resume and latest_checkpoint(checkpoint_dir) is not None:
@@ -153,12 +183,12 @@ def train_loop(pm: ParallelModel, data: DataFn, start: int, steps: int, checkpoi
     predicted = float(pm.plan.predicted.step_time_s)
     losses: list[float] = []
     for step in range(start, steps):
-        x, y = data(step)
+        batch = data(step)
         t0 = time.perf_counter()
-        loss = pm.train_step(x, y)
+        loss = pm.train_step(batch) if isinstance(batch, dict) else pm.train_step(*batch)
         seconds = time.perf_counter() - t0
         losses.append(loss)
-        log(step_line(step + 1, steps, loss, seconds, int(x.numel()), predicted))
+        log(step_line(step + 1, steps, loss, seconds, samples_in(batch), predicted))
         done = step + 1
         if checkpoint_dir is not None and ((checkpoint_every and done % checkpoint_every == 0) or done == steps):
             save_checkpoint(pm, checkpoint_dir, done)
@@ -169,10 +199,10 @@ def measure_steps(pm: ParallelModel, data: DataFn, steps: int, warmup: int = 1) 
     """Wall time of ``steps`` training steps after ``warmup`` (for benchmarks)."""
     times = []
     for step in range(warmup + steps):
-        x, y = data(step)
+        batch = data(step)
         dist.barrier()
         t0 = time.perf_counter()
-        pm.train_step(x, y)
+        pm.train_step(batch) if isinstance(batch, dict) else pm.train_step(*batch)
         if step >= warmup:
             times.append(time.perf_counter() - t0)
     return times
